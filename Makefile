@@ -1,0 +1,37 @@
+# jsoncache: a caching reverse proxy for JSON APIs.
+#   make run    set up, then run Redis (reused or started), the upstream stub and the proxy
+#   make test   set up, then run the tests (they start their own redis-server processes)
+#   make lint   ruff and mypy          make bench   hit throughput/latency vs the stub
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint bench soak clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+run: setup
+	@command -v redis-server >/dev/null || [ -n "$$REDIS_CACHE_URL" ] || \
+		echo "note: redis-server is not installed; make run uses \$$REDIS_CACHE_URL or redis://localhost:6379/1 if one answers"
+	$(BIN)/python scripts/devstack.py
+
+test: setup
+	@command -v redis-server >/dev/null || { echo "the tests need redis-server: sudo apt-get install redis-server (or run .ci/run)"; exit 1; }
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

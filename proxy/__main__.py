@@ -1,0 +1,87 @@
+"""The command line: ``python -m proxy --config config.yaml [--host H] [--port P]``.
+
+Exit status 2 with one line naming the key and the value when the configuration is bad.
+Prints ``LISTENING http://HOST:PORT`` on stdout once it accepts connections (``--port 0``
+picks a free port), so scripts and tests wait for that line instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from . import __version__
+from . import log as logsetup
+from .app import create_app
+from .config import Config, ConfigError, load_config, redacted
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy",
+                                     description="A caching reverse proxy for JSON APIs.")
+    parser.add_argument("--config", default=os.environ.get("PROXY_CONFIG", "config.yaml"),
+                        help="YAML configuration file (default: $PROXY_CONFIG or config.yaml)")
+    parser.add_argument("--host", help="address to listen on (overrides server.host)")
+    parser.add_argument("--port", type=int, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the configuration and exit")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective configuration (secrets redacted) and exit")
+    parser.add_argument("--version", action="version", version=f"jsoncache {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.check_config:
+        print(f"config OK: {config.source}: {len(config.routes)} routes, "
+              f"{len(config.invalidate)} invalidation rules")
+        return 0
+    if args.print_config:
+        print(json.dumps(redacted(config), indent=2))
+        return 0
+    host = args.host or config.server.host
+    port = config.server.port if args.port is None else args.port
+    logsetup.setup(config.log)
+    _run(config, host, port)
+    return 0
+
+
+def _run(config: Config, host: str, port: int) -> None:
+    try:
+        import uvloop  # optional: a faster event loop when installed (pip install .[speed])
+    except ImportError:
+        asyncio.run(_serve(config, host, port))
+    else:
+        uvloop.run(_serve(config, host, port))
+
+
+async def _serve(config: Config, host: str, port: int) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=config.server.shutdown_timeout_s)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=False)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    print(f"LISTENING http://{host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    # Stop accepting, let in-flight requests finish (up to shutdown_timeout_s), then close
+    # Redis and the upstream session (cleanup_ctx).
+    await runner.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

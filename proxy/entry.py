@@ -1,0 +1,140 @@
+"""A stored response and its compact form in the store. Pure: no I/O.
+
+An entry is kept in Redis as a hash with the fields ``m`` (metadata, JSON), ``b`` (the body,
+raw bytes, never re-encoded) and, after a soft purge, ``p`` (the purge time in milliseconds).
+A primary key whose responses ``Vary`` holds a marker instead: a hash with the field ``v``
+(the varying header names); a key whose last response was uncacheable holds ``h``
+(hit-for-miss). Keeping the body out of the JSON spares a base64 round trip on every hit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .errors import EntryCorrupt
+from .policy import StoredFacts, get_first
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    request_time: float
+    response_time: float
+    initial_age: float
+    lifetime: float
+    stale_while_revalidate: float
+    stale_if_error: float
+    no_cache: bool
+    forbid_stale: bool
+    url: str  # path and query as requested, for admin views and logs
+    route: str
+    tags: tuple[str, ...]
+    vary: tuple[tuple[str, str | None], ...] = ()  # (name, normalised request value)
+    purged_at: float | None = None
+
+    @property
+    def has_validators(self) -> bool:
+        return get_first(self.headers, "etag") is not None or \
+            get_first(self.headers, "last-modified") is not None
+
+    def facts(self) -> StoredFacts:
+        return StoredFacts(
+            initial_age=self.initial_age,
+            response_time=self.response_time,
+            lifetime=self.lifetime,
+            stale_while_revalidate=self.stale_while_revalidate,
+            stale_if_error=self.stale_if_error,
+            no_cache=self.no_cache,
+            forbid_stale=self.forbid_stale,
+            has_validators=self.has_validators,
+            purged_at=self.purged_at,
+        )
+
+    def with_headers(self, headers: tuple[tuple[str, str], ...], **changes: Any) -> Entry:
+        return replace(self, headers=headers, purged_at=None, **changes)
+
+    def meta_bytes(self) -> bytes:
+        return json.dumps({
+            "v": FORMAT_VERSION,
+            "s": self.status,
+            "h": self.headers,
+            "rq": self.request_time,
+            "rs": self.response_time,
+            "ia": self.initial_age,
+            "lt": self.lifetime,
+            "swr": self.stale_while_revalidate,
+            "sie": self.stale_if_error,
+            "nc": self.no_cache,
+            "fs": self.forbid_stale,
+            "u": self.url,
+            "r": self.route,
+            "t": self.tags,
+            "vy": self.vary,
+        }, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class VaryMarker:
+    names: tuple[str, ...]
+
+    def to_bytes(self) -> bytes:
+        return ",".join(self.names).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class HitForMiss:
+    """The last response for this key was uncacheable: go straight upstream for a while."""
+
+    reason: str
+
+
+Stored = Entry | VaryMarker | HitForMiss
+
+
+def decode(fields: Mapping[bytes, bytes]) -> Stored | None:
+    """The stored value from a hash's fields; None for an empty hash; EntryCorrupt otherwise."""
+    if not fields:
+        return None
+    if b"v" in fields:
+        text = fields[b"v"].decode("latin-1")
+        return VaryMarker(tuple(n for n in text.split(",") if n))
+    if b"h" in fields:
+        return HitForMiss(fields[b"h"].decode("latin-1"))
+    meta_raw = fields.get(b"m")
+    body = fields.get(b"b")
+    if meta_raw is None or body is None:
+        raise EntryCorrupt("entry without metadata or body")
+    try:
+        m = json.loads(meta_raw)
+        if m.get("v") != FORMAT_VERSION:
+            raise EntryCorrupt(f"unknown entry format {m.get('v')!r}")
+        purged = fields.get(b"p")
+        return Entry(
+            status=int(m["s"]),
+            headers=tuple((str(k), str(v)) for k, v in m["h"]),
+            body=body,
+            request_time=float(m["rq"]),
+            response_time=float(m["rs"]),
+            initial_age=float(m["ia"]),
+            lifetime=float(m["lt"]),
+            stale_while_revalidate=float(m["swr"]),
+            stale_if_error=float(m["sie"]),
+            no_cache=bool(m["nc"]),
+            forbid_stale=bool(m["fs"]),
+            url=str(m["u"]),
+            route=str(m["r"]),
+            tags=tuple(str(t) for t in m["t"]),
+            vary=tuple((str(n), None if v is None else str(v)) for n, v in m["vy"]),
+            purged_at=int(purged) / 1000.0 if purged else None,
+        )
+    except EntryCorrupt:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise EntryCorrupt(f"undecodable entry: {type(e).__name__}") from None

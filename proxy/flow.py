@@ -1,0 +1,831 @@
+"""The orchestrator: the one place that combines routes, keys, policy, store, coalescing,
+invalidation and the upstream for a request. It does no RFC arithmetic (``policy``) and no
+Redis commands (``store``).
+
+    recv ─► unsafe method ─► forward ─► 2xx/3xx: invalidate ─► deliver
+      ├─ not cacheable ─► pass (stream) ─► deliver
+      ▼
+    key ─► lookup ─► fresh ─► deliver (HIT)
+             │     └► stale + stale-while-revalidate ─► deliver (STALE) + background refresh
+             │     └► stale + validators ─► conditional fetch ─► 304 ─► refresh (REVALIDATED)
+             ▼
+           miss ─► coalesce ─► fetch ─► storable? ─► store ─► deliver (MISS)
+                                  └► upstream error + stale entry ─► deliver (STALE)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict, MutableMultiMapping
+
+from . import keys, policy
+from .coalesce import Coalescer, Ticket
+from .config import Config, InvalidateRule, RouteConfig
+from .entry import Entry, HitForMiss
+from .errors import BadRequest, StoreUnavailable, UpstreamError
+from .invalidation import Pending, entry_tags, write_tags
+from .log import get as get_logger
+from .metrics import Metrics
+from .outcome import Outcome, Status
+from .policy import Decision, RequestDirectives, Use
+from .routes import Router, TemplateContext
+from .store import Lookup, Store
+from .upstream import Upstream, UpstreamResponse
+
+access_log = get_logger("access")
+log = get_logger("flow")
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_CONDITIONAL = frozenset({"if-none-match", "if-modified-since", "if-match",
+                          "if-unmodified-since", "if-range"})
+_INTERNAL_RESPONSE_FIELDS = frozenset({"x-cache"})
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+
+@dataclass(slots=True)
+class Ctx:
+    """One request's state while it crosses the flow; ends up in the access log line."""
+
+    request: web.Request
+    rid: str
+    started: float
+    method: str
+    path: str  # raw (still percent-encoded) path, as forwarded and keyed
+    query: str  # raw query string, byte for byte
+    route: str = "none"
+    status: Status = field(default_factory=lambda: Status(Outcome.PASS))
+    http_status: int = 0
+    upstream_s: float | None = None
+    error: str = ""
+    served_bytes: int = 0
+
+    @property
+    def path_qs(self) -> str:
+        return self.path + ("?" + self.query if self.query else "")
+
+
+@dataclass(slots=True)
+class Fill:
+    """What a cacheable GET needs to fetch, store and deliver."""
+
+    ctx: Ctx
+    route: RouteConfig
+    params: dict[str, str]
+    scope: str
+    primary: str
+    lookup: Lookup
+    directives: RequestDirectives
+
+
+@dataclass(slots=True)
+class Fetched:
+    """The outcome of one upstream fetch for a fill: a buffered entry, or a stream."""
+
+    status: Status
+    entry: Entry | None = None  # buffered (stored or not)
+    stored: bool = False
+    up: UpstreamResponse | None = None  # streamed: headers arrived, body to follow
+    prefix: bytes = b""
+    age: float = 0.0
+    error: UpstreamError | None = None
+
+
+class Flow:
+    def __init__(self, config: Config, store: Store | None, upstream: Upstream,
+                 metrics: Metrics, coalescer: Coalescer) -> None:
+        self.cfg = config
+        self.store = store
+        self.upstream = upstream
+        self.metrics = metrics
+        self.coalescer = coalescer
+        self.routes: Router[RouteConfig] = Router([(r.match, r) for r in config.routes])
+        self.rules: Router[InvalidateRule] = Router([(r.match, r) for r in config.invalidate])
+        self.secret = config.cache.key_secret.encode()
+        self.name = config.cache.status_name
+        self._sensitive = frozenset({"authorization", "cookie", "proxy-authorization",
+                                     config.cache.identity.header.lower()})
+        self.pending = Pending()
+        self.background: set[asyncio.Task[Any]] = set()
+        self._refreshing: set[str] = set()
+        self.tombstone_ttl_ms = int(max(600.0, 3 * config.upstream.timeout_s) * 1000)
+        self._needs_json = any(
+            "request.json" in t.sources or "response.json" in t.sources
+            for r in config.invalidate for t in r.tags)
+
+    # -- entry point -----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = request.raw_path
+        path, _, query = raw.partition("?")
+        rid = request.headers.get("X-Request-ID", "")
+        if not _REQUEST_ID_RE.match(rid):
+            rid = uuid.uuid4().hex
+        ctx = Ctx(request, rid, time.perf_counter(), request.method, path, query)
+        try:
+            if request.method in ("GET", "HEAD"):
+                return await self._read(ctx)
+            return await self._write(ctx)
+        except BadRequest as e:
+            ctx.status = Status(Outcome.PASS, "rejected")
+            self.metrics.rejected.labels(e.reason).inc()
+            return self._json_error(ctx, e.status, e.reason, str(e))
+        finally:
+            self._finish(ctx)
+
+    def _finish(self, ctx: Ctx) -> None:
+        elapsed = time.perf_counter() - ctx.started
+        outcome = ctx.status.outcome.value
+        self.metrics.requests.labels(ctx.route, ctx.method if ctx.method in _METHODS else "other",
+                                     outcome).inc()
+        self.metrics.request_seconds.labels(outcome).observe(elapsed)
+        if ctx.served_bytes:
+            self.metrics.served_bytes.inc(ctx.served_bytes)
+        fields: dict[str, Any] = {
+            "request_id": ctx.rid, "method": ctx.method, "path": ctx.path, "route": ctx.route,
+            "status": ctx.http_status, "outcome": outcome, "duration_ms": round(elapsed * 1000, 3),
+        }
+        if ctx.status.detail:
+            fields["detail"] = ctx.status.detail
+        if ctx.upstream_s is not None:
+            fields["upstream_ms"] = round(ctx.upstream_s * 1000, 3)
+        if ctx.error:
+            fields["error"] = ctx.error
+        access_log.info("request", **fields)
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    async def _read(self, ctx: Ctx) -> web.StreamResponse:
+        req = ctx.request
+        matched = self.routes.match("GET", req.path)
+        if matched is not None:
+            ctx.route = matched.item.name
+        if not self.cfg.cache.enabled:
+            return await self._forward(ctx, Status(Outcome.PASS, "cache-disabled"))
+        if matched is None:
+            return await self._forward(ctx, Status(Outcome.PASS, "no-route"))
+        route = matched.item
+        if route.mode == "pass":
+            return await self._forward(ctx, Status(Outcome.PASS, "route-pass"))
+        if "Range" in req.headers:
+            return await self._forward(ctx, Status(Outcome.PASS, "range"))
+        if req.body_exists:
+            # A body is not part of the key: caching it would let one client's body decide
+            # what others are served.
+            return await self._forward(ctx, Status(Outcome.PASS, "request-body"))
+        scope = self._scope(route, req)
+        if scope is None:
+            return await self._forward(ctx, Status(Outcome.PASS, "no-credential"))
+        headers = list(req.headers.items())
+        directives = RequestDirectives.of(headers) if route.honor_request_directives \
+            else policy.NO_DIRECTIVES
+        if directives.no_store:
+            return await self._forward(ctx, Status(Outcome.PASS, "request-no-store",
+                                                   fwd="request"))
+        if self.store is None:
+            return await self._forward(ctx, Status(Outcome.BYPASS, "no-store-configured"))
+        primary = keys.primary_key(ctx.path, ctx.query, scope)
+        try:
+            lk = await self.store.lookup(primary, self._value_of(req), self._variant(req))
+        except StoreUnavailable as e:
+            return await self._forward(ctx, Status(Outcome.BYPASS, f"redis-{e.kind}"))
+        fill = Fill(ctx, route, matched.params, scope, primary, lk, directives)
+        stored = lk.stored
+        if isinstance(stored, Entry) and self.pending and \
+                self.pending.blocks(stored.tags, stored.response_time):
+            return await self._fill(fill, None, detail="pending-invalidation")
+        if isinstance(stored, Entry):
+            now = time.time()
+            d = policy.decide(stored.facts(), directives, now)
+            if d.use is Use.FRESH:
+                return self._deliver_entry(ctx, stored, d.age, Status(Outcome.HIT, ttl=d.ttl))
+            if d.use is Use.STALE_OK:
+                return self._deliver_entry(ctx, stored, d.age,
+                                           Status(Outcome.STALE, "max-stale", ttl=d.ttl))
+            if d.use is Use.STALE_REVALIDATE:
+                self._refresh_in_background(fill, stored)
+                return self._deliver_entry(ctx, stored, d.age,
+                                           Status(Outcome.STALE, "stale-while-revalidate",
+                                                  ttl=d.ttl))
+            if directives.only_if_cached:
+                return self._gateway_timeout(ctx)
+            return await self._fill(fill, stored, validate=d.use is Use.VALIDATE, decision=d)
+        if directives.only_if_cached:
+            return self._gateway_timeout(ctx)
+        if isinstance(stored, HitForMiss):
+            return await self._fill(fill, None, coalesce=False, detail="hit-for-miss")
+        return await self._fill(fill, None)
+
+    def _scope(self, route: RouteConfig, req: web.Request) -> str | None:
+        if route.scope == "public":
+            return keys.PUBLIC_SCOPE
+        ident = self.cfg.cache.identity
+        parts = []
+        value = req.headers.get(ident.header)
+        if value:
+            parts.append(value)
+        if ident.cookie:
+            cookie = req.cookies.get(ident.cookie)
+            if cookie:
+                parts.append("cookie:" + cookie)
+        if not parts:
+            return None
+        return keys.scope_id(self.secret, "\x00".join(parts))
+
+    def _value_of(self, req: web.Request) -> Any:
+        """A request header's normalised value for Vary matching. Credentials are replaced
+        by their HMAC, so a response that varies on one never puts it in a key or entry."""
+        def value_of(name: str) -> str | None:
+            value = policy.normalise_field(name, req.headers.getall(name, []))
+            if value is not None and name in self._sensitive:
+                return "hmac:" + keys.scope_id(self.secret, value)
+            return value
+        return value_of
+
+    def _variant(self, req: web.Request) -> Any:
+        value_of = self._value_of(req)
+
+        def variant(primary: str, names: Any) -> tuple[str, tuple[tuple[str, str | None], ...]]:
+            return keys.variant_key(primary, names, value_of)
+        return variant
+
+    # -- fills -----------------------------------------------------------------------------------
+
+    async def _fill(self, fill: Fill, stale: Entry | None, *, validate: bool = False,
+                    coalesce: bool = True, decision: Decision | None = None,
+                    detail: str = "") -> web.StreamResponse:
+        ctx = fill.ctx
+        if not coalesce:
+            fetched = await self._fetch(fill, stale, validate=validate)
+            if detail and not fetched.status.detail:
+                fetched.status = _with_detail(fetched.status, detail)
+            return await self._deliver_fetched(ctx, fetched)
+        ticket = await self.coalescer.join(fill.primary)
+        if not ticket.leader:
+            shared = await self.coalescer.wait_local(ticket)
+            if isinstance(shared, Entry) and self._shareable(shared, ctx.request):
+                self.metrics.coalesced.inc()
+                age = policy.current_age(shared.initial_age, shared.response_time, time.time())
+                return self._deliver_entry(ctx, shared, age, Status(
+                    Outcome.COALESCED, ttl=shared.lifetime - age))
+            fetched = await self._fetch(fill, stale, validate=validate)
+            return await self._deliver_fetched(ctx, fetched)
+        result: Entry | None = None
+        try:
+            if ticket.remote:
+                found = await self._wait_for_remote_fill(fill, ticket)
+                if found is not None:
+                    result = found
+                    self.metrics.coalesced.inc()
+                    age = policy.current_age(found.initial_age, found.response_time, time.time())
+                    return self._deliver_entry(ctx, found, age, Status(
+                        Outcome.COALESCED, ttl=found.lifetime - age))
+            fetched = await self._fetch(fill, stale, validate=validate)
+            if fetched.stored and fetched.entry is not None:
+                result = fetched.entry
+            if detail and not fetched.status.detail:
+                fetched.status = _with_detail(fetched.status, detail)
+            return await self._deliver_fetched(ctx, fetched)
+        finally:
+            await self._finish_ticket(ticket, result)
+
+    async def _finish_ticket(self, ticket: Ticket, result: Entry | None) -> None:
+        try:
+            await asyncio.shield(self.coalescer.finish(ticket, result))
+        except asyncio.CancelledError:
+            self.coalescer.abandon(ticket)
+            raise
+
+    async def _wait_for_remote_fill(self, fill: Fill, ticket: Ticket) -> Entry | None:
+        assert self.store is not None
+        found: list[Entry] = []
+        req = fill.ctx.request
+
+        async def recheck() -> bool:
+            try:
+                lk = await self.store.lookup(fill.primary, self._value_of(req),  # type: ignore[union-attr]
+                                             self._variant(req))
+            except StoreUnavailable:
+                return False
+            e = lk.stored
+            if isinstance(e, Entry) and e.response_time >= fill.lookup.epoch_ms / 1000 - 1 and \
+                    policy.decide(e.facts(), fill.directives, time.time()).use is Use.FRESH:
+                found.append(e)
+                return True
+            return False
+
+        ok = await self.coalescer.wait_remote(ticket, recheck)
+        return found[-1] if ok and found else None
+
+    def _shareable(self, entry: Entry, req: web.Request) -> bool:
+        """A coalesced waiter may take the leader's stored entry when its own request selects
+        the same variant."""
+        value_of = self._value_of(req)
+        return all(value_of(name) == value for name, value in entry.vary)
+
+    def _upstream_headers(self, req: web.Request, *,
+                          strip_conditionals: bool) -> list[tuple[str, str]]:
+        headers = self.upstream.forward_headers(
+            list(req.headers.items()), client_ip=req.remote, proto=req.scheme,
+            host=req.headers.get("Host"))
+        if strip_conditionals:
+            headers = [(k, v) for k, v in headers if k.lower() not in _CONDITIONAL]
+        return headers
+
+    async def _send(self, ctx: Ctx, method: str, headers: list[tuple[str, str]],
+                    body: Any = None) -> UpstreamResponse:
+        headers = [*headers, ("X-Request-ID", ctx.rid)]
+        started = time.perf_counter()
+        try:
+            up = await self.upstream.send(method, ctx.path_qs, headers, body)
+        except UpstreamError as e:
+            ctx.upstream_s = time.perf_counter() - started
+            self.metrics.upstream_errors.labels(e.kind).inc()
+            ctx.error = f"upstream-{e.kind}"
+            raise
+        ctx.upstream_s = time.perf_counter() - started
+        self.metrics.upstream_seconds.labels(ctx.route).observe(ctx.upstream_s)
+        return up
+
+    async def _fetch(self, fill: Fill, stale: Entry | None, *, validate: bool) -> Fetched:
+        """Fetch for the cache: a GET (also for HEAD, so the entry fills), without the
+        client's conditionals (the cache answers those itself)."""
+        ctx, route = fill.ctx, fill.route
+        headers = self._upstream_headers(ctx.request, strip_conditionals=True)
+        if validate and stale is not None:
+            headers += policy.validators_for(stale.headers)
+        try:
+            up = await self._send(ctx, "GET", headers)
+        except UpstreamError as e:
+            return self._stale_or_error(fill, stale, e)
+
+        if up.status == 304 and validate and stale is not None:
+            up.release()
+            if policy.validator_matches(stale.headers, up.headers):
+                return await self._revalidated(fill, stale, up)
+            return await self._fetch(fill, None, validate=False)
+        if up.status >= 500 and stale is not None and \
+                policy.may_serve_stale_on_error(stale.facts(), fill.directives, time.time()):
+            up.close()
+            return self._stale(stale, "stale-if-error", up.status)
+
+        user_scope = route.scope == "user"
+        verdict = policy.storable(status=up.status,
+                                  request_headers=list(ctx.request.headers.items()),
+                                  response_headers=up.headers, route=route, user_scope=user_scope)
+        if not verdict.storable:
+            await self._hit_for_miss(fill, verdict.reason)
+            return Fetched(Status(Outcome.UNCACHEABLE, verdict.reason, fwd_status=up.status),
+                           up=up)
+        entry = self._make_entry(fill, up.status, up.headers, b"", up.request_time,
+                                 up.response_time)
+        ttl = policy.storage_ttl(entry.facts(), route.keep_s, self.cfg.cache.max_entry_ttl_s)
+        if ttl <= 0:
+            await self._hit_for_miss(fill, "stale-on-arrival")
+            return Fetched(Status(Outcome.UNCACHEABLE, "stale-on-arrival", fwd_status=up.status),
+                           up=up)
+        limit = self.cfg.cache.max_body_bytes
+        if up.content_length is not None and up.content_length > limit:
+            await self._hit_for_miss(fill, "too-large")
+            return Fetched(Status(Outcome.UNCACHEABLE, "too-large", fwd_status=up.status), up=up)
+        try:
+            body, complete = await up.read_up_to(limit)
+        except UpstreamError as e:
+            self.metrics.upstream_errors.labels(e.kind).inc()
+            ctx.error = f"upstream-{e.kind}"
+            return self._stale_or_error(fill, stale, e)
+        if not complete:
+            await self._hit_for_miss(fill, "too-large")
+            return Fetched(Status(Outcome.UNCACHEABLE, "too-large", fwd_status=up.status), up=up,
+                           prefix=body)
+        up.release()
+        entry = dataclasses.replace(entry, body=body)
+        stored, why = await self._save(fill, entry, ttl)
+        age = policy.current_age(entry.initial_age, entry.response_time, time.time())
+        status = Status(Outcome.MISS, why, ttl=entry.lifetime - age, stored=stored,
+                        fwd_status=up.status, fwd="vary-miss" if fill.lookup.vary else None)
+        return Fetched(status, entry=entry, stored=stored, age=age)
+
+    def _make_entry(self, fill: Fill, status: int, headers: list[tuple[str, str]], body: bytes,
+                    request_time: float, response_time: float) -> Entry:
+        ctx, route = fill.ctx, fill.route
+        stored_headers = policy.strip_unstorable_fields(headers)
+        if policy.get_first(stored_headers, "date") is None:
+            # RFC 9110 §6.6.1: a recipient with a clock adds the Date it received it at.
+            stored_headers.append(("Date", policy.format_http_date(response_time)))
+        fr = policy.freshness(status=status, response_headers=headers, route=route,
+                              default_ttl_s=self.cfg.cache.default_ttl_s,
+                              response_time=response_time)
+        vary = policy.vary_names(headers)
+        value_of = self._value_of(ctx.request)
+        tctx = self._template_ctx(ctx.request, fill.params,
+                                  fill.scope if route.scope == "user" else None)
+        tags = entry_tags(route=route, path=ctx.path, query=ctx.query, scope=fill.scope,
+                          ctx=tctx, response_headers=headers)
+        return Entry(
+            status=status,
+            headers=tuple(stored_headers),
+            body=body,
+            request_time=request_time,
+            response_time=response_time,
+            initial_age=policy.corrected_initial_age(headers, request_time, response_time),
+            lifetime=fr.lifetime,
+            stale_while_revalidate=fr.stale_while_revalidate,
+            stale_if_error=fr.stale_if_error,
+            no_cache=fr.no_cache,
+            forbid_stale=fr.forbid_stale,
+            url=ctx.path_qs,
+            route=route.name,
+            tags=tags,
+            vary=tuple((n, value_of(n)) for n in vary),
+        )
+
+    async def _save(self, fill: Fill, entry: Entry, ttl: float) -> tuple[bool, str]:
+        assert self.store is not None
+        lk = fill.lookup
+        names = tuple(n for n, _ in entry.vary)
+        if names:
+            key_suffix, _ = keys.variant_key(fill.primary, names, self._value_of(fill.ctx.request))
+            key, primary = self.store.entry_key(key_suffix), fill.primary
+        else:
+            key, primary = self.store.entry_key(fill.primary), None
+        if time.time() - lk.epoch_ms / 1000 > self.tombstone_ttl_ms / 1000:
+            return False, "fill-too-slow"
+        try:
+            ok = await self.store.save(key, primary, names, entry, ttl, entry.tags, lk.epoch_ms)
+        except StoreUnavailable as e:
+            return False, f"redis-{e.kind}"
+        if not ok:
+            return False, "invalidated-during-fill"
+        self.metrics.stored.labels(fill.route.name).inc()
+        return True, ""
+
+    async def _hit_for_miss(self, fill: Fill, reason: str) -> None:
+        if self.store is None or self.cfg.cache.hit_for_miss_s <= 0:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.hit_for_miss(fill.primary, reason, self.cfg.cache.hit_for_miss_s)
+
+    async def _revalidated(self, fill: Fill, stale: Entry, up: UpstreamResponse) -> Fetched:
+        merged = policy.merge_304(stale.headers, up.headers)
+        fresh = self._make_entry(fill, stale.status, merged, stale.body, up.request_time,
+                                 up.response_time)
+        # The variant stays the one that was stored; tags come from the merged headers.
+        fresh = dataclasses.replace(fresh, vary=stale.vary)
+        ttl = policy.storage_ttl(fresh.facts(), fill.route.keep_s, self.cfg.cache.max_entry_ttl_s)
+        stored, why = (False, "stale-on-arrival")
+        if ttl > 0:
+            stored, why = await self._save(fill, fresh, ttl)
+        age = policy.current_age(fresh.initial_age, fresh.response_time, time.time())
+        status = Status(Outcome.REVALIDATED, why, ttl=fresh.lifetime - age, stored=stored,
+                        fwd_status=304)
+        return Fetched(status, entry=fresh, stored=stored, age=age)
+
+    def _stale_or_error(self, fill: Fill, stale: Entry | None, e: UpstreamError) -> Fetched:
+        if stale is not None and \
+                policy.may_serve_stale_on_error(stale.facts(), fill.directives, time.time()):
+            return self._stale(stale, "stale-if-error", None)
+        return Fetched(Status(Outcome.ERROR, f"upstream-{e.kind}"), error=e)
+
+    def _stale(self, stale: Entry, detail: str, fwd_status: int | None) -> Fetched:
+        age = policy.current_age(stale.initial_age, stale.response_time, time.time())
+        return Fetched(Status(Outcome.STALE, detail, ttl=stale.lifetime - age,
+                              fwd_status=fwd_status), entry=stale, age=age)
+
+    async def _deliver_fetched(self, ctx: Ctx, fetched: Fetched) -> web.StreamResponse:
+        if fetched.error is not None:
+            return self._upstream_error(ctx, fetched.error)
+        if fetched.entry is not None:
+            return self._deliver_entry(ctx, fetched.entry, fetched.age, fetched.status)
+        assert fetched.up is not None
+        return await self._stream(ctx, fetched.up, fetched.status, fetched.prefix)
+
+    def _refresh_in_background(self, fill: Fill, stale: Entry) -> None:
+        """stale-while-revalidate: one refresh per key at a time in this process (and the
+        coalescing lock keeps it to one across processes)."""
+        if fill.primary in self._refreshing:
+            return
+        self._refreshing.add(fill.primary)
+
+        async def refresh() -> None:
+            ticket = await self.coalescer.join(fill.primary)
+            result: Entry | None = None
+            try:
+                if not ticket.leader or ticket.remote:
+                    return
+                fetched = await self._fetch(fill, stale, validate=stale.has_validators)
+                if fetched.up is not None:
+                    fetched.up.close()
+                if fetched.stored:
+                    result = fetched.entry
+            except UpstreamError as e:
+                log.info("background refresh failed", key=fill.primary, error=e.kind)
+            finally:
+                self._refreshing.discard(fill.primary)
+                await self.coalescer.finish(ticket, result)
+
+        self._spawn(refresh())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    async def _write(self, ctx: Ctx) -> web.StreamResponse:
+        req = ctx.request
+        ctx.status = Status(Outcome.PASS, fwd="method")
+        rules = self.rules.match_all(ctx.method, req.path) if self.cfg.invalidate else []
+        if rules:
+            ctx.route = "write"
+        needs_request_json = any("request.json" in t.sources for r in rules for t in r.item.tags)
+        needs_response_json = any("response.json" in t.sources
+                                  for r in rules for t in r.item.tags)
+        request_json: Any = None
+        body: Any = None
+        if needs_request_json and req.body_exists:
+            raw = await self._read_request_body(req)
+            request_json = _parse_json(raw)
+            body = raw
+        elif req.body_exists:
+            body = self._request_body(req)
+        headers = self._upstream_headers(req, strip_conditionals=False)
+        try:
+            up = await self._send(ctx, ctx.method, headers, body)
+        except UpstreamError as e:
+            _check_body(body)
+            return self._upstream_error(ctx, e)
+        if not 200 <= up.status < 400:
+            return await self._stream(ctx, up, ctx.status)
+        prefix = b""
+        response_json: Any = None
+        complete = False
+        if needs_response_json:
+            try:
+                prefix, complete = await up.read_up_to(self.cfg.cache.max_body_bytes)
+            except UpstreamError as e:
+                self.metrics.upstream_errors.labels(e.kind).inc()
+                return self._upstream_error(ctx, e)
+            if complete:
+                up.release()
+                response_json = _parse_json(prefix)
+        if self.store is not None and self.cfg.cache.enabled:
+            scope = self._write_scope(req)
+            tctx = self._template_ctx(req, {}, scope, request_json, response_json)
+            origins = {req.host, self.upstream.netloc} if req.host else {self.upstream.netloc}
+            wt = write_tags(path=ctx.path, query=ctx.query, response_headers=up.headers,
+                            origins=origins, rules=rules, ctx=tctx)
+            tags = list(wt.tags)
+            if wt.unresolved:
+                # A rule could not name what it makes stale (a field missing from a body, or
+                # a body too large to read): drop everything of the caller's instead.
+                tags.append("~scope:" + scope if scope else "~all")
+                log.warning("invalidation rule unresolved", request_id=ctx.rid,
+                            templates=list(wt.unresolved))
+            ctx.status = Status(Outcome.PASS, fwd="method",
+                                detail=await self.invalidate(tags, reason="write"))
+        if complete:
+            return self._buffered(ctx, up.status, up.headers, prefix, ctx.status)
+        return await self._stream(ctx, up, ctx.status, prefix)
+
+    def _write_scope(self, req: web.Request) -> str | None:
+        ident = self.cfg.cache.identity
+        parts = []
+        if req.headers.get(ident.header):
+            parts.append(req.headers[ident.header])
+        if ident.cookie and req.cookies.get(ident.cookie):
+            parts.append("cookie:" + req.cookies[ident.cookie])
+        return keys.scope_id(self.secret, "\x00".join(parts)) if parts else None
+
+    async def invalidate(self, tags: list[str], *, reason: str, soft: bool = False) -> str:
+        """Purge ``tags`` now; if Redis cannot be reached, remember them (reads bypass what
+        they cover until they are replayed). Returns a detail word for the response."""
+        assert self.store is not None
+        at = time.time()
+        failed: list[str] = []
+        total = 0
+        for tag in tags:
+            try:
+                total += await self.store.purge_tag(tag, soft=soft,
+                                                    tombstone_ttl_ms=self.tombstone_ttl_ms)
+            except StoreUnavailable:
+                failed.append(tag)
+        if total:
+            self.metrics.invalidated.labels(reason).inc(total)
+        if failed:
+            self.pending.add(failed, at)
+            self.metrics.pending_invalidations.set(len(self.pending))
+            log.warning("invalidation deferred: redis unavailable", tags=len(failed))
+            return "invalidation-pending"
+        return ""
+
+    async def replay_pending(self) -> int:
+        """Replay deferred invalidations; returns how many are still pending."""
+        if not self.pending or self.store is None:
+            return 0
+        for tag, at in self.pending.snapshot().items():
+            try:
+                await self.store.purge_tag(tag, tombstone_ttl_ms=self.tombstone_ttl_ms)
+            except StoreUnavailable:
+                break
+            self.pending.done(tag, at)
+        if self.pending.floor is not None:
+            # Everything fetched before the floor has expired once the longest TTL passed.
+            self.pending.floor_done(time.time() - self.cfg.cache.max_entry_ttl_s)
+        self.metrics.pending_invalidations.set(len(self.pending))
+        return len(self.pending) + (1 if self.pending.floor is not None else 0)
+
+    def _request_body(self, req: web.Request) -> LimitedBody:
+        limit = self.cfg.server.max_request_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise BadRequest(413, "request-too-large")
+        return LimitedBody(req, limit)
+
+    async def _read_request_body(self, req: web.Request) -> bytes:
+        limit = self.cfg.server.max_request_body_bytes
+        if req.content_length is not None and req.content_length > limit:
+            raise BadRequest(413, "request-too-large")
+        parts, size = [], 0
+        async for chunk in req.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                raise BadRequest(413, "request-too-large")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _template_ctx(self, req: web.Request, params: Mapping[str, str], user: str | None,
+                      request_json: Any = None, response_json: Any = None) -> TemplateContext:
+        query = {k: req.query[k] for k in req.query}
+        headers = {k.lower(): v for k, v in req.headers.items()
+                   if k.lower() not in ("authorization", "cookie")}
+        return TemplateContext(query=query, path=params, user=user, headers=headers,
+                               request_json=request_json, response_json=response_json)
+
+    # -- delivery --------------------------------------------------------------------------------
+
+    async def _forward(self, ctx: Ctx, status: Status) -> web.StreamResponse:
+        """Pass a request through, streaming both ways."""
+        ctx.status = status
+        req = ctx.request
+        body = self._request_body(req) if req.body_exists else None
+        headers = self._upstream_headers(req, strip_conditionals=False)
+        try:
+            up = await self._send(ctx, ctx.method, headers, body)
+        except UpstreamError as e:
+            _check_body(body)
+            return self._upstream_error(ctx, e)
+        return await self._stream(ctx, up, status)
+
+    def _cache_headers(self, headers: MutableMultiMapping[str], ctx: Ctx,
+                       status: Status) -> None:
+        headers["X-Cache"] = status.x_cache
+        member = status.cache_status(self.name)
+        existing = headers.getall("Cache-Status", [])
+        if existing:
+            del headers["Cache-Status"]
+            headers["Cache-Status"] = ", ".join([*existing, member])
+        else:
+            headers["Cache-Status"] = member
+        headers["X-Request-ID"] = ctx.rid
+
+    def _deliver_entry(self, ctx: Ctx, entry: Entry, age: float, status: Status) -> web.Response:
+        ctx.status = status
+        req = ctx.request
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in entry.headers if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
+        if not self.cfg.cache.keep_surrogate_headers:
+            for name in ("Surrogate-Key", "Cache-Tag"):
+                headers.popall(name, None)
+        headers["Age"] = str(min(int(age), policy.DELTA_MAX))
+        self._cache_headers(headers, ctx, status)
+        if entry.status == 200 and policy.not_modified(list(req.headers.items()), entry.headers):
+            keep = CIMultiDict((k, v) for k, v in headers.items()
+                               if k.lower() in policy.NOT_MODIFIED_FIELDS)
+            for name in ("Age", "X-Cache", "Cache-Status", "X-Request-ID"):
+                keep[name] = headers[name]
+            ctx.http_status = 304
+            return web.Response(status=304, headers=keep)
+        ctx.http_status = entry.status
+        if req.method != "HEAD":
+            ctx.served_bytes = len(entry.body) if status.outcome in (
+                Outcome.HIT, Outcome.STALE, Outcome.COALESCED, Outcome.REVALIDATED) else 0
+        resp = web.Response(status=entry.status, headers=headers, body=entry.body)
+        return resp
+
+    def _buffered(self, ctx: Ctx, status_code: int, up_headers: list[tuple[str, str]],
+                  body: bytes, status: Status) -> web.Response:
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in policy.end_to_end(up_headers)
+            if k.lower() not in ("content-length", "x-cache"))
+        self._cache_headers(headers, ctx, status)
+        ctx.http_status = status_code
+        return web.Response(status=status_code, headers=headers, body=body)
+
+    async def _stream(self, ctx: Ctx, up: UpstreamResponse, status: Status,
+                      prefix: bytes = b"") -> web.StreamResponse:
+        ctx.status = status
+        req = ctx.request
+        resp = web.StreamResponse(status=up.status, reason=up.reason or None)
+        for k, v in policy.end_to_end(up.headers):
+            if k.lower() not in ("content-length", "x-cache"):
+                resp.headers.add(k, v)
+        self._cache_headers(resp.headers, ctx, status)
+        if up.content_length is not None and \
+                policy.get_first(up.headers, "transfer-encoding") is None:
+            resp.content_length = up.content_length
+        ctx.http_status = up.status
+        try:
+            await resp.prepare(req)
+            if req.method == "HEAD" or up.status in (204, 304):
+                up.close() if prefix else up.release()
+                await resp.write_eof()
+                return resp
+            if prefix:
+                await resp.write(prefix)
+            async for chunk in up.chunks():
+                await resp.write(chunk)
+            up.release()
+            await resp.write_eof()
+        except UpstreamError as e:
+            # Headers are gone already: cut the client's connection so it sees the failure
+            # instead of a short body that looks complete.
+            ctx.error = f"upstream-{e.kind}-mid-body"
+            ctx.status = Status(Outcome.ERROR, "upstream-mid-body")
+            self.metrics.upstream_errors.labels(e.kind).inc()
+            if req.transport is not None:
+                req.transport.close()
+        except (ConnectionError, asyncio.CancelledError) as e:
+            up.close()
+            ctx.error = "client-disconnected"
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        return resp
+
+    def _upstream_error(self, ctx: Ctx, e: UpstreamError) -> web.Response:
+        ctx.status = Status(Outcome.ERROR, f"upstream-{e.kind}")
+        return self._json_error(ctx, e.status, f"upstream_{e.kind}",
+                                "the upstream timed out" if e.status == 504
+                                else "the upstream could not be reached or failed")
+
+    def _gateway_timeout(self, ctx: Ctx) -> web.Response:
+        ctx.status = Status(Outcome.PASS, "only-if-cached", fwd="request")
+        return self._json_error(ctx, 504, "not_cached",
+                                "only-if-cached was requested and nothing usable is stored")
+
+    def _json_error(self, ctx: Ctx, status: int, code: str, message: str) -> web.Response:
+        headers: CIMultiDict[str] = CIMultiDict({"Cache-Control": "no-store"})
+        self._cache_headers(headers, ctx, ctx.status)
+        ctx.http_status = status
+        body = json.dumps({"error": code, "message": message, "request_id": ctx.rid})
+        return web.Response(status=status, text=body, content_type="application/json",
+                            headers=headers)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _with_detail(status: Status, detail: str) -> Status:
+    return Status(status.outcome, detail, status.ttl, status.stored, status.fwd_status,
+                  status.fwd)
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class LimitedBody:
+    """A request body streamed upstream, cut off past the configured limit. The upstream
+    request then fails; ``_check_body`` turns that failure into the client's 413."""
+
+    def __init__(self, req: web.Request, limit: int) -> None:
+        self.req = req
+        self.limit = limit
+        self.exceeded = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self.req.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.limit:
+                self.exceeded = True
+                raise BadRequest(413, "request-too-large")
+            yield chunk
+
+
+def _check_body(body: Any) -> None:
+    if isinstance(body, LimitedBody) and body.exceeded:
+        raise BadRequest(413, "request-too-large")

@@ -1,0 +1,66 @@
+"""One vocabulary of cache outcomes, used by the X-Cache and Cache-Status headers, the metric
+label and the log field alike. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    HIT = "hit"  # served from a fresh entry
+    MISS = "miss"  # fetched upstream; stored when it could be
+    STALE = "stale"  # served from a stale entry (stale-while-revalidate, stale-if-error, max-stale)
+    REVALIDATED = "revalidated"  # a stale entry confirmed by a 304 from upstream
+    COALESCED = "coalesced"  # served from another request's fetch of the same key
+    PASS = "pass"  # not cacheable by rule: unsafe method, no route, no credential, ...
+    BYPASS = "bypass"  # cacheable, but the cache could not be used (Redis down, breaker open)
+    UNCACHEABLE = "uncacheable"  # fetched, and the response may not be stored
+    ERROR = "error"  # the upstream failed and nothing stored could stand in
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """What a response says about the cache's part in it."""
+
+    outcome: Outcome
+    detail: str = ""
+    ttl: float | None = None  # remaining freshness of what was served or stored
+    stored: bool = False
+    fwd_status: int | None = None
+    fwd: str | None = None  # RFC 9211 fwd reason, when it differs from the outcome's default
+
+    @property
+    def x_cache(self) -> str:
+        return self.outcome.value.upper()
+
+    def cache_status(self, name: str) -> str:
+        """An RFC 9211 Cache-Status member for this cache."""
+        parts = [name]
+        o = self.outcome
+        if o in (Outcome.HIT, Outcome.STALE):
+            parts.append("hit")
+        else:
+            parts.append("fwd=" + (self.fwd or _FWD[o]))
+            if self.fwd_status is not None:
+                parts.append(f"fwd-status={self.fwd_status}")
+        if self.ttl is not None:
+            parts.append(f"ttl={int(self.ttl) if self.ttl >= 0 else -int(-self.ttl + 0.999)}")
+        if self.stored:
+            parts.append("stored")
+        if o is Outcome.COALESCED:
+            parts.append("collapsed")
+        if self.detail:
+            parts.append(f"detail={self.detail}")
+        return "; ".join(parts)
+
+
+_FWD = {
+    Outcome.MISS: "uri-miss",
+    Outcome.REVALIDATED: "stale",
+    Outcome.COALESCED: "uri-miss",
+    Outcome.PASS: "bypass",
+    Outcome.BYPASS: "bypass",
+    Outcome.UNCACHEABLE: "uri-miss",
+    Outcome.ERROR: "uri-miss",
+}

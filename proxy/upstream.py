@@ -1,0 +1,169 @@
+"""The upstream client: one pooled session, forwarded headers, timeouts, error translation.
+
+Knows HTTP, not caching. aiohttp exceptions leave this module as UpstreamError subclasses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+from yarl import URL
+
+from .config import UpstreamConfig
+from .errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .policy import HOP_BY_HOP, connection_listed
+
+Headers = list[tuple[str, str]]
+
+# Request fields never forwarded, beyond the hop-by-hop ones: the proxy sets Host and the
+# X-Forwarded-* family itself (a client must not choose what the upstream believes about the
+# original request), and answers Expect itself.
+_REQUEST_DROP = frozenset({"host", "expect", "x-forwarded-host", "x-forwarded-proto",
+                           "forwarded"})
+
+CHUNK = 64 * 1024
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    reason: str
+    headers: Headers
+    request_time: float  # wall clock when the request was sent (RFC 9111 §4.2.3)
+    response_time: float  # wall clock when the header section arrived
+    _resp: aiohttp.ClientResponse
+    _released: bool = field(default=False)
+
+    @property
+    def content_length(self) -> int | None:
+        return self._resp.content_length
+
+    async def read_up_to(self, limit: int) -> tuple[bytes, bool]:
+        """Read the body while it fits in ``limit`` bytes. Returns (bytes read, complete)."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                chunk = await self._resp.content.read(min(CHUNK, limit - size + 1))
+                if not chunk:
+                    return b"".join(parts), True
+                parts.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    return b"".join(parts), False
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.close()
+            raise _translate(e) from None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The rest of the body as it arrives."""
+        try:
+            async for chunk in self._resp.content.iter_chunked(CHUNK):
+                yield chunk
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.close()
+            raise _translate(e) from None
+
+    def release(self) -> None:
+        """Return the connection to the pool (the body was read to the end)."""
+        if not self._released:
+            self._released = True
+            self._resp.release()
+
+    def close(self) -> None:
+        """Drop the connection (the body was not read to the end, or it broke)."""
+        if not self._released:
+            self._released = True
+            self._resp.close()
+
+
+class Upstream:
+    def __init__(self, cfg: UpstreamConfig, via: str) -> None:
+        self.cfg = cfg
+        self.base = cfg.url
+        self.netloc = urlsplit(cfg.url).netloc.lower()
+        self.via = via
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0,
+                                         enable_cleanup_closed=False, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            # Bodies pass through byte for byte, compressed or not.
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.cfg.connect_timeout_s,
+                                          sock_read=self.cfg.timeout_s),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            raise_for_status=False,
+        )
+        # aiohttp retries an idempotent request once on a reused connection that turns out to
+        # be closed (aio-libs/aiohttp#10790). The proxy's request body is a one-shot stream,
+        # and the client, not the proxy, decides on retries: never retry.
+        self._session._retry_connection = False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def forward_headers(self, headers: Sequence[tuple[str, str]], *, client_ip: str | None,
+                        proto: str, host: str | None) -> Headers:
+        drop = HOP_BY_HOP | connection_listed(headers) | _REQUEST_DROP
+        out = [(k, v) for k, v in headers if k.lower() not in drop]
+        xff = [v for k, v in out if k.lower() == "x-forwarded-for"]
+        out = [(k, v) for k, v in out if k.lower() not in ("x-forwarded-for", "via")]
+        vias = [v for k, v in headers if k.lower() == "via"]
+        if client_ip:
+            xff.append(client_ip)
+        if xff:
+            out.append(("X-Forwarded-For", ", ".join(xff)))
+        out.append(("X-Forwarded-Proto", proto))
+        if host:
+            out.append(("X-Forwarded-Host", host))
+        out.append(("Via", ", ".join([*vias, self.via])))
+        return out
+
+    async def send(self, method: str, path_qs: str, headers: Headers,
+                   body: AsyncIterable[bytes] | bytes | None = None) -> UpstreamResponse:
+        """Send a request; returns once the response header section has arrived."""
+        assert self._session is not None, "Upstream.start() was not awaited"
+        url = self.base + path_qs
+        request_time = time.time()
+        try:
+            async with asyncio.timeout(self.cfg.timeout_s):
+                resp = await self._session.request(
+                    method, URL(url, encoded=True), headers=headers, data=body,
+                    allow_redirects=False, compress=None, chunked=None,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise _translate(e) from None
+        headers_out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+        return UpstreamResponse(resp.status, resp.reason or "", headers_out, request_time,
+                                time.time(), resp)
+
+
+def _translate(e: BaseException) -> UpstreamError:
+    if isinstance(e, UpstreamError):
+        return e
+    if isinstance(e, aiohttp.ConnectionTimeoutError | aiohttp.ServerTimeoutError | TimeoutError):
+        err: UpstreamError = UpstreamTimeout(str(e) or "timed out")
+    elif isinstance(e, aiohttp.ClientConnectorError):
+        err = UpstreamUnavailable(str(e))
+    elif isinstance(e, aiohttp.ClientError | OSError | ValueError):
+        err = UpstreamBroken(f"{type(e).__name__}: {e}")
+    else:
+        err = UpstreamBroken(repr(e))
+    return err

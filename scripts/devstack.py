@@ -1,0 +1,118 @@
+"""``make run``: Redis (reused or started), the upstream stub and the proxy, until Ctrl-C.
+
+Uses the Redis at $REDIS_CACHE_URL (default redis://localhost:6379/1) when it answers;
+otherwise starts a private redis-server with its data in a temporary folder. Every process
+this script starts is stopped by its pid when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.procs import RedisServer, start_python, stop  # noqa: E402
+
+DEFAULT_REDIS = "redis://localhost:6379/1"
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, ValueError, OSError):
+        return False
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("PROXY_PORT", 8080)))
+    parser.add_argument("--stub-port", type=int, default=int(os.environ.get("STUB_PORT", 8001)))
+    parser.add_argument("--latency-scale", default=os.environ.get("LATENCY_SCALE", "1"))
+    parser.add_argument("--config", default=os.environ.get("PROXY_CONFIG", "config.yaml"))
+    args = parser.parse_args()
+
+    for name, port in (("proxy", args.proxy_port), ("stub", args.stub_port)):
+        if not port_free("127.0.0.1", port):
+            print(f"port {port} (for the {name}) is taken; choose another, e.g. "
+                  f"make run {name.upper()}_PORT={port + 1000}", file=sys.stderr)
+            return 1
+
+    started: list[subprocess.Popen[bytes]] = []
+    own_redis: RedisServer | None = None
+    redis_url = os.environ.get("REDIS_CACHE_URL", DEFAULT_REDIS)
+    try:
+        if redis_answers(redis_url):
+            print(f"* Redis: using {redis_url}")
+        else:
+            if shutil.which("redis-server") is None:
+                print(f"No Redis answers at {redis_url} and redis-server is not installed.\n"
+                      "Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: "
+                      "brew install redis) or set REDIS_CACHE_URL to a running Redis.",
+                      file=sys.stderr)
+                return 1
+            own_redis = RedisServer().start()
+            redis_url = own_redis.url()
+            print(f"* Redis: started redis-server pid {own_redis.pid} at {redis_url} "
+                  f"(data in {own_redis.dir})")
+        stub, stub_url = start_python("upstream_stub", [
+            "--host", "127.0.0.1", "--port", str(args.stub_port),
+            "--latency-scale", str(args.latency_scale)], show_logs=True)
+        started.append(stub)
+        print(f"* Upstream stub: {stub_url} (pid {stub.pid})")
+        env = {"UPSTREAM_URL": stub_url, "REDIS_CACHE_URL": redis_url}
+        proxy, proxy_url = start_python("proxy", [
+            "--config", args.config, "--host", "127.0.0.1", "--port", str(args.proxy_port)],
+            env=env, show_logs=True)
+        started.append(proxy)
+        print(f"* Proxy: {proxy_url} (pid {proxy.pid})\n")
+        print("Try it (alice-token is an example token of the stub's demo user):")
+        print(f"  curl -i -H 'Authorization: Bearer alice-token' "
+              f"'{proxy_url}/transactions?session_id=alice-s1&page_size=3'")
+        print("  ... twice: the second answer says X-Cache: HIT")
+        print(f"  curl {proxy_url}/cache/health    curl {proxy_url}/metrics\n")
+        print("Ctrl-C stops everything.")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            for p in started:
+                if p.poll() is not None:
+                    print(f"process {p.pid} exited with {p.returncode}", file=sys.stderr)
+                    return 1
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                started[-1].wait(timeout=1)
+    except KeyboardInterrupt:
+        print("\nstopping ...")
+        return 0
+    finally:
+        for p in reversed(started):
+            stop(p)
+        if own_redis is not None:
+            own_redis.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

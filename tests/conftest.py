@@ -1,0 +1,131 @@
+"""Fixtures: a private redis-server per test, the stub served over real HTTP, and the proxy
+built from a config dict pointing at both."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app
+from proxy.config import Config, parse_config
+from upstream_stub.app import create_app as create_stub
+
+from .procs import RedisServer
+
+ALICE = {"Authorization": "Bearer alice-token"}  # example tokens of the stub's demo users
+BOB = {"Authorization": "Bearer bob-token"}
+ROOT = {"Authorization": "Bearer root-token"}
+
+MakeProxy = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def stub(aiohttp_server: Any) -> TestServer:
+    server: TestServer = await aiohttp_server(create_stub(latency_scale=0))
+    return server
+
+
+class StubControl:
+    """The stub's test hooks, over HTTP."""
+
+    def __init__(self, server: TestServer) -> None:
+        self.server = server
+        self.base = str(server.make_url("")).rstrip("/")
+
+    async def _call(self, method: str, path: str, **kw: Any) -> Any:
+        async with aiohttp.ClientSession() as s, s.request(method, self.base + path, **kw) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def count(self, endpoint: str | None = None) -> int:
+        stats = await self._call("GET", "/__stats")
+        return int(stats["total"] if endpoint is None else stats["by_endpoint"].get(endpoint, 0))
+
+    async def program(self, name: str, **spec: Any) -> None:
+        await self._call("PUT", f"/__program/{name}", json=spec)
+
+    async def received(self, name: str) -> list[dict[str, Any]]:
+        return list((await self._call("GET", f"/__program/{name}"))["received"])
+
+
+@pytest.fixture
+def stubctl(stub: TestServer) -> StubControl:
+    return StubControl(stub)
+
+
+def base_config(upstream_url: str, redis_url: str, /, **overrides: Any) -> dict[str, Any]:
+    """The shipped routes for the transactions API plus a public honor-mode route over the
+    stub's programmable endpoint; ``overrides`` replace top-level sections."""
+    cfg: dict[str, Any] = {
+        "upstream": {"url": upstream_url, "timeout_s": 5, "connect_timeout_s": 1},
+        "redis": {"url": redis_url, "timeout_ms": 200, "breaker_reset_s": 0.05,
+                  "breaker_failures": 2},
+        "cache": {"default_ttl_s": 300, "max_body_bytes": 4096},
+        "routes": [
+            {"name": "transactions", "match": "GET /transactions", "mode": "override",
+             "ttl_s": 300, "scope": "user",
+             "tags": ["session:{query.session_id}", "views:{user}:{query.session_id|all}"]},
+            {"name": "summary", "match": "GET /summary", "mode": "override", "ttl_s": 1800,
+             "scope": "user",
+             "tags": ["session:{query.session_id}", "views:{user}:{query.session_id|all}"]},
+            {"name": "category-summary", "match": "GET /category-summary", "mode": "override",
+             "ttl_s": 1800, "scope": "user",
+             "tags": ["session:{query.session_id}", "views:{user}:{query.session_id|all}"]},
+            {"name": "sessions", "match": "GET /sessions", "mode": "override", "ttl_s": 600,
+             "scope": "user", "tags": ["sessions:{user}"]},
+            {"name": "rules", "match": "GET /rules", "mode": "override", "ttl_s": 3600,
+             "scope": "user", "tags": ["rules:{user}"]},
+            {"name": "programmed", "match": "GET /p/*", "mode": "honor", "scope": "public"},
+        ],
+        "invalidate": [
+            {"match": "PUT /transactions/{id}",
+             "tags": ["session:{response.json.session_id}", "views:{user}:all",
+                      "sessions:{user}"]},
+            {"match": "POST /bulk-categorise",
+             "tags": ["session:{request.json.session_id}", "views:{user}:all",
+                      "sessions:{user}", "rules:{user}"]},
+        ],
+        "log": {"format": "json"},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def make_config(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    return parse_config(doc, env or {"CACHE_KEY_SECRET": "test-secret-0123456789"})
+
+
+@pytest.fixture
+async def make_proxy(aiohttp_client: Any, stub: TestServer,
+                     redis_server: RedisServer) -> MakeProxy:
+    """Build a proxy in front of the stub and the test's Redis; keyword arguments override
+    config sections (``cache={"max_body_bytes": 10}``)."""
+
+    async def make(**overrides: Any) -> TestClient[Any, Any]:
+        doc = base_config(str(stub.make_url("")).rstrip("/"), redis_server.url(), **overrides)
+        client: TestClient[Any, Any] = await aiohttp_client(create_app(make_config(doc)))
+        return client
+
+    return make
+
+
+@pytest.fixture
+async def proxy(make_proxy: MakeProxy) -> TestClient[Any, Any]:
+    return await make_proxy()

@@ -1,0 +1,329 @@
+"""The core flow end to end: the proxy (aiohttp test client) in front of the real stub (over
+HTTP) and a private redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestClient
+from yarl import URL
+
+from .conftest import ALICE, BOB, MakeProxy, StubControl
+from .procs import RedisServer
+
+TXNS = "/transactions?session_id=alice-s1&page_size=5"
+
+
+def redis_dump(server: RedisServer) -> bytes:
+    """Every key and value in the test's Redis, as one byte string to search."""
+    r = server.client()
+    out: list[bytes] = []
+    for key in r.scan_iter(match="*"):
+        out.append(key)
+        kind = r.type(key)
+        if kind == b"hash":
+            for k, v in cast(dict[bytes, bytes], r.hgetall(key)).items():
+                out += [k, v]
+        elif kind == b"zset":
+            out += cast(list[bytes], r.zrange(key, 0, -1))
+        elif kind == b"string":
+            out.append(cast(bytes, r.get(key)))
+        else:
+            raise AssertionError(f"unexpected {kind!r} at {key!r}")
+    return b"".join(out)
+
+
+def entry_keys(r: RedisServer) -> list[bytes]:
+    return sorted(k for k in r.client().scan_iter(match="{jcache}:e:*"))
+
+
+async def test_hit_after_miss_reaches_upstream_once(proxy: TestClient[Any, Any],
+                                                    stubctl: StubControl,
+                                                    redis_server: RedisServer) -> None:
+    first = await proxy.get(TXNS, headers=ALICE)
+    body1 = await first.read()
+    assert first.status == 200
+    assert first.headers["X-Cache"] == "MISS"
+    assert "stored" in first.headers["Cache-Status"]
+    second = await proxy.get(TXNS, headers=ALICE)
+    body2 = await second.read()
+    assert second.status == 200
+    assert second.headers["X-Cache"] == "HIT"
+    assert second.headers["Cache-Status"].startswith("jsoncache; hit; ttl=")
+    assert body2 == body1
+    assert json.loads(body2)["session_id"] == "alice-s1"
+    for name in ("ETag", "Content-Type", "Cache-Control", "Date"):
+        assert second.headers[name] == first.headers[name]
+    assert int(second.headers["Age"]) >= 0
+    assert await stubctl.count("GET /transactions") == 1
+    assert len(entry_keys(redis_server)) == 1
+
+
+async def test_entry_ttl_comes_from_route(proxy: TestClient[Any, Any],
+                                          redis_server: RedisServer) -> None:
+    await (await proxy.get("/summary?session_id=alice-s1", headers=ALICE)).read()
+    await (await proxy.get("/sessions", headers=ALICE)).read()
+    r = redis_server.client()
+    ttls = sorted(r.pttl(k) for k in entry_keys(redis_server))
+    assert 590_000 < ttls[0] <= 600_000  # sessions: 600 s
+    assert 1_790_000 < ttls[1] <= 1_800_000  # summary: 1800 s
+    # Index keys expire too: nothing this proxy writes lives forever.
+    assert all(r.pttl(k) > 0 for k in r.scan_iter(match="{jcache}:*"))
+
+
+async def test_entry_expires_after_its_ttl(make_proxy: MakeProxy, stubctl: StubControl,
+                                           redis_server: RedisServer) -> None:
+    proxy = await make_proxy(routes=[{"name": "t", "match": "GET /transactions",
+                                      "mode": "override", "ttl_s": 1, "scope": "user"}])
+    sub = aioredis.from_url(redis_server.url()).pubsub()
+    await sub.subscribe("__keyevent@1__:expired")
+    assert (await proxy.get(TXNS, headers=ALICE)).headers["X-Cache"] == "MISS"
+    assert (await proxy.get(TXNS, headers=ALICE)).headers["X-Cache"] == "HIT"
+    [key] = entry_keys(redis_server)
+    # Wait for Redis to announce the entry's expiry (an event, not a guess at a duration).
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while True:
+        assert loop.time() < deadline, "the entry never expired"
+        msg = await sub.get_message(ignore_subscribe_messages=True, timeout=1)
+        if msg is not None and msg["data"] == key:
+            break
+    await sub.aclose()  # type: ignore[no-untyped-call]
+    again = await proxy.get(TXNS, headers=ALICE)
+    assert again.headers["X-Cache"] == "MISS"
+    assert await stubctl.count("GET /transactions") == 2
+
+
+async def test_two_users_get_their_own_entries(proxy: TestClient[Any, Any],
+                                               stubctl: StubControl,
+                                               redis_server: RedisServer) -> None:
+    a1 = await (await proxy.get("/sessions", headers=ALICE)).json()
+    b1 = await (await proxy.get("/sessions", headers=BOB)).json()
+    assert {s["owner"] for s in a1["sessions"]} == {"alice"}
+    assert {s["owner"] for s in b1["sessions"]} == {"bob"}
+    a2 = await proxy.get("/sessions", headers=ALICE)
+    b2 = await proxy.get("/sessions", headers=BOB)
+    assert (a2.headers["X-Cache"], b2.headers["X-Cache"]) == ("HIT", "HIT")
+    assert await a2.json() == a1
+    assert await b2.json() == b1
+    assert await stubctl.count("GET /sessions") == 2
+    assert len(entry_keys(redis_server)) == 2
+
+
+async def test_raw_credential_never_reaches_redis(proxy: TestClient[Any, Any],
+                                                  redis_server: RedisServer) -> None:
+    for path in ("/sessions", TXNS, "/rules"):
+        await (await proxy.get(path, headers=ALICE)).read()
+    dump = redis_dump(redis_server)
+    assert dump, "nothing was stored"
+    assert b"alice-token" not in dump
+    assert b"Bearer" not in dump
+
+
+async def test_request_without_credential_on_user_route_is_not_cached(
+        proxy: TestClient[Any, Any], stubctl: StubControl, redis_server: RedisServer) -> None:
+    for _ in range(2):
+        resp = await proxy.get("/sessions")
+        assert resp.status == 401  # the upstream's answer, passed through
+        assert resp.headers["X-Cache"] == "PASS"
+        assert "detail=no-credential" in resp.headers["Cache-Status"]
+    assert await stubctl.count("GET /sessions") == 2
+    assert entry_keys(redis_server) == []
+
+
+async def test_query_parameter_order_does_not_matter(proxy: TestClient[Any, Any],
+                                                     stubctl: StubControl) -> None:
+    a = await proxy.get("/transactions?session_id=alice-s1&page_size=3&page=2", headers=ALICE)
+    b = await proxy.get("/transactions?page=2&page_size=3&session_id=alice-s1", headers=ALICE)
+    c = await proxy.get("/transactions?page_size=3&session_id=alice-s1&page=1", headers=ALICE)
+    assert (a.headers["X-Cache"], b.headers["X-Cache"], c.headers["X-Cache"]) == \
+        ("MISS", "HIT", "MISS")
+    assert await a.read() == await b.read()
+    assert await stubctl.count("GET /transactions") == 2
+
+
+async def test_head_is_answered_from_the_get_entry(proxy: TestClient[Any, Any],
+                                                   stubctl: StubControl) -> None:
+    get = await proxy.get(TXNS, headers=ALICE)
+    body = await get.read()
+    head = await proxy.head(TXNS, headers=ALICE)
+    assert head.status == 200
+    assert head.headers["X-Cache"] == "HIT"
+    assert int(head.headers["Content-Length"]) == len(body)
+    assert await head.read() == b""
+    # A HEAD miss fills the entry (the upstream is asked with GET), and GET then hits.
+    head2 = await proxy.head("/rules", headers=ALICE)
+    assert (head2.status, head2.headers["X-Cache"]) == (200, "MISS")
+    assert await head2.read() == b""
+    get2 = await proxy.get("/rules", headers=ALICE)
+    assert get2.headers["X-Cache"] == "HIT"
+    assert (await get2.json())["rules"]
+    assert await stubctl.count("GET /transactions") == 1
+    assert await stubctl.count("GET /rules") == 1
+
+
+async def test_no_store_response_is_not_stored(proxy: TestClient[Any, Any],
+                                               stubctl: StubControl,
+                                               redis_server: RedisServer) -> None:
+    await stubctl.program("ns", headers=[["Cache-Control", "no-store, max-age=600"]],
+                          body='{"n": 1}')
+    for _ in range(2):
+        resp = await proxy.get("/p/ns")
+        assert resp.status == 200
+        assert json.loads(await resp.read()) == {"n": 1}
+        assert resp.headers["X-Cache"] == "UNCACHEABLE"
+        assert "detail=no-store" in resp.headers["Cache-Status"]
+    assert await stubctl.count("GET /p/{name}") == 2
+    assert all(b"h" in redis_server.client().hgetall(k) for k in entry_keys(redis_server))
+
+
+async def test_set_cookie_response_is_not_stored(proxy: TestClient[Any, Any],
+                                                 stubctl: StubControl) -> None:
+    await stubctl.program("cookie", headers=[["Cache-Control", "max-age=600"],
+                                             ["Set-Cookie", "sid=example; HttpOnly"]],
+                          body='{"n": 2}')
+    for _ in range(2):
+        resp = await proxy.get("/p/cookie")
+        assert resp.status == 200
+        assert resp.headers["Set-Cookie"] == "sid=example; HttpOnly"
+        assert resp.headers["X-Cache"] == "UNCACHEABLE"
+    assert await stubctl.count("GET /p/{name}") == 2
+
+
+async def test_private_is_not_stored_outside_user_scope(proxy: TestClient[Any, Any],
+                                                        stubctl: StubControl) -> None:
+    await stubctl.program("priv", headers=[["Cache-Control", "private, max-age=600"]],
+                          body="x")
+    for _ in range(2):
+        resp = await proxy.get("/p/priv")
+        assert resp.headers["X-Cache"] == "UNCACHEABLE"
+        assert "detail=private" in resp.headers["Cache-Status"]
+    assert await stubctl.count("GET /p/{name}") == 2
+
+
+async def test_oversized_body_streams_through_unstored(proxy: TestClient[Any, Any],
+                                                       stubctl: StubControl,
+                                                       redis_server: RedisServer) -> None:
+    big = "x" * 10_000  # max_body_bytes is 4096 in these tests
+    await stubctl.program("big", headers=[["Cache-Control", "max-age=600"]], body=big)
+    for _ in range(2):
+        resp = await proxy.get("/p/big")
+        assert resp.status == 200
+        assert await resp.text() == big
+        assert resp.headers["X-Cache"] == "UNCACHEABLE"
+        assert "detail=too-large" in resp.headers["Cache-Status"]
+    assert await stubctl.count("GET /p/{name}") == 2
+    assert not any(b"m" in redis_server.client().hgetall(k) for k in entry_keys(redis_server))
+
+
+async def test_upstream_down_gives_502(make_proxy: MakeProxy) -> None:
+    from .procs import free_port
+
+    proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{free_port()}"})
+    resp = await proxy.get(TXNS, headers=ALICE)
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["error"] == "upstream_unavailable"
+    assert resp.headers["X-Cache"] == "ERROR"
+    assert resp.headers["X-Request-ID"] == body["request_id"]
+
+
+async def test_upstream_slow_gives_504(make_proxy: MakeProxy, stubctl: StubControl) -> None:
+    proxy = await make_proxy(upstream={"timeout_s": 0.2})
+    await stubctl.program("slow", headers=[["Cache-Control", "max-age=60"]], body="late",
+                          delay_ms=2000)
+    resp = await proxy.get("/p/slow")
+    assert resp.status == 504
+    assert (await resp.json())["error"] == "upstream_timeout"
+    assert resp.headers["Cache-Control"] == "no-store"
+
+
+async def test_redis_down_passes_through_and_recovers(make_proxy: MakeProxy,
+                                                      stubctl: StubControl,
+                                                      redis_server: RedisServer) -> None:
+    proxy = await make_proxy()
+    assert (await proxy.get(TXNS, headers=ALICE)).headers["X-Cache"] == "MISS"
+    redis_server.kill()
+    outcomes = []
+    for _ in range(6):
+        resp = await proxy.get(TXNS, headers=ALICE)
+        assert resp.status == 200
+        assert (await resp.json())["session_id"] == "alice-s1"
+        outcomes.append(resp.headers["X-Cache"])
+        assert "detail=redis-" in resp.headers["Cache-Status"]
+    assert set(outcomes) == {"BYPASS"}
+    metrics = await (await proxy.get("/metrics")).text()
+    # After two failures the breaker opened: later requests did not wait on Redis at all.
+    assert 'jsoncache_redis_errors_total{kind="circuit-open",op="lookup"}' in metrics
+    assert await stubctl.count("GET /transactions") == 7
+
+    redis_server.start(redis_server.port)
+    seen = await _until_not_bypass(proxy)
+    assert seen == "MISS"
+    assert (await proxy.get(TXNS, headers=ALICE)).headers["X-Cache"] == "HIT"
+
+
+async def _until_not_bypass(proxy: TestClient[Any, Any]) -> str:
+    """Requests until the breaker lets one through to Redis again (bounded)."""
+    for _ in range(200):
+        resp = await proxy.get(TXNS, headers=ALICE)
+        assert resp.status == 200
+        if resp.headers["X-Cache"] != "BYPASS":
+            return resp.headers["X-Cache"]
+        await asyncio.sleep(0.01)  # the breaker's reset interval is 50 ms in these tests
+    raise AssertionError("caching never resumed")
+
+
+async def test_redis_unreachable_at_start(make_proxy: MakeProxy, stubctl: StubControl) -> None:
+    from .procs import free_port
+
+    proxy = await make_proxy(redis={"url": f"redis://127.0.0.1:{free_port()}/1"})
+    for _ in range(3):
+        resp = await proxy.get(TXNS, headers=ALICE)
+        assert resp.status == 200
+        assert resp.headers["X-Cache"] == "BYPASS"
+    health = await proxy.get("/cache/health")
+    assert health.status == 503
+    assert (await health.json())["redis"]["reachable"] is False
+
+
+async def test_forwarding_keeps_query_and_body_and_drops_hop_by_hop(
+        proxy: TestClient[Any, Any], stubctl: StubControl) -> None:
+    await stubctl.program("echo", headers=[["X-Upstream", "yes"], ["Connection", "X-Secret"],
+                                           ["X-Secret", "hop"]], body="ok")
+    qs = "?b=%2F&a=1&a=2&empty=&=x"
+    # encoded=True: the test client must send the query exactly as written, too.
+    url = URL(str(proxy.make_url("/p/echo")) + qs, encoded=True)
+    resp = await proxy.session.post(url, data=b"payload-bytes",
+                            headers={"Connection": "X-Drop-Me", "X-Drop-Me": "1",
+                                     "Keep-Alive": "timeout=5", "TE": "trailers",
+                                     "X-Keep": "kept", "X-Forwarded-For": "203.0.113.7",
+                                     "X-Forwarded-Host": "evil.example", "Via": "1.0 edge"})
+    assert resp.status == 200
+    assert resp.headers["X-Upstream"] == "yes"
+    assert "X-Secret" not in resp.headers
+    [got] = await stubctl.received("echo")
+    assert got["method"] == "POST"
+    assert got["path_qs"] == "/p/echo" + qs
+    assert got["body"] == "payload-bytes"
+    h = {k.lower(): v for k, v in got["headers"]}
+    for gone in ("x-drop-me", "keep-alive", "te"):
+        assert gone not in h
+    assert h["x-keep"] == "kept"
+    assert h["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert h["x-forwarded-proto"] == "http"
+    assert h["x-forwarded-host"] != "evil.example"
+    assert h["via"] == "1.0 edge, 1.1 jsoncache"
+    assert "x-request-id" in h
+
+
+async def test_request_id_is_passed_on_and_returned(proxy: TestClient[Any, Any],
+                                                    stubctl: StubControl) -> None:
+    await stubctl.program("rid", body="x")
+    resp = await proxy.get("/p/rid", headers={"X-Request-ID": "req-123"})
+    assert resp.headers["X-Request-ID"] == "req-123"
+    [got] = await stubctl.received("rid")
+    assert ["X-Request-ID", "req-123"] in got["headers"]
