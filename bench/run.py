@@ -32,7 +32,7 @@ HEADERS = {"Authorization": "Bearer alice-token"}  # example token of the stub's
 
 def _get(url: str) -> tuple[int, dict[str, str]]:
     req = urllib.request.Request(url, headers=HEADERS)
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
         resp.read()
         return resp.status, dict(resp.headers)
 

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=headers or {})
-    with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
         return resp.status, dict(resp.headers), resp.read()
 
 
@@ -44,7 +45,7 @@ def stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[tuple[str, str,
 
 def test_real_processes_miss_then_hit(stack: tuple[str, str, Path],
                                       redis_server: RedisServer) -> None:
-    proxy_url, stub_url, log = stack
+    proxy_url, stub_url, _ = stack
     alice = {"Authorization": "Bearer alice-token"}
     url = proxy_url + "/summary?session_id=alice-s2"
     s1, h1, b1 = get(url, alice)
@@ -89,7 +90,7 @@ def test_sigterm_stops_cleanly(redis_server: RedisServer) -> None:
             proxy.stdout.close()
     finally:
         stop(stub)
-    with pytest.raises(OSError):
+    with pytest.raises(urllib.error.URLError, match="refused"):
         get(proxy_url + "/cache/health")
 
 
