@@ -66,9 +66,13 @@ class Coalescer:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, ready_timeout_s: float = 1.0) -> None:
+        """Start listening for fills; wait (bounded) until subscribed, so that the first
+        requests already coalesce across processes. Without Redis, start anyway."""
         if self.store is not None:
             self._listener = asyncio.create_task(self._listen(), name="coalesce-listener")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.listening.wait(), ready_timeout_s)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -166,11 +170,7 @@ class Coalescer:
         assert ticket._flight is not None
         try:
             return await asyncio.wait_for(asyncio.shield(ticket._flight.future), self.wait_s)
-        except (TimeoutError, asyncio.CancelledError) as e:
-            if isinstance(e, asyncio.CancelledError) and not ticket._flight.future.cancelled():
-                raise
-            return None
-        except Exception:
+        except TimeoutError:
             return None
 
     async def finish(self, ticket: Ticket, result: Any) -> None:

@@ -24,7 +24,8 @@ from .routes import MatchSpec, Template, parse_match, parse_template
 # RFC 9110 §15.1: statuses cacheable by default (heuristically). 206 is left out: partial
 # content is passed through, never stored.
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
-DEV_KEY_SECRET = "dev-only-insecure-key-secret"  # example value, for development only
+DEV_KEY_SECRET = "dev-only-insecure-key-secret"
+DEFAULT_KEEP_S = 3600  # example value, for development only
 
 Scope = Literal["user", "public"]
 Mode = Literal["honor", "override", "pass"]
@@ -489,7 +490,11 @@ def _routes(top: _Reader, cache: CacheConfig, env: Mapping[str, str]) -> tuple[R
         ttl = r.opt_int("ttl_s")
         if mode == "override" and ttl is None:
             ttl = cache.default_ttl_s
-        scope: Any = r.choice("scope", ("user", "public"), "user")
+        # honor routes follow RFC 9111's rules for shared caches, which keep per-user
+        # responses out (private, Authorization); override routes ignore what the upstream
+        # says, so they are per user unless told otherwise.
+        scope: Any = r.choice("scope", ("user", "public"),
+                              "public" if mode == "honor" else "user")
         tags = tuple(_template(r, "tags", j, t, ("query", "path", "user", "header"))
                      for j, t in enumerate(r.items("tags")))
         statuses = HEURISTIC_STATUSES
@@ -507,7 +512,10 @@ def _routes(top: _Reader, cache: CacheConfig, env: Mapping[str, str]) -> tuple[R
             name=name, match=match, mode=mode, ttl_s=ttl, scope=scope, tags=tags,
             statuses=statuses,
             grace_s=r.integer("grace_s", 0), stale_if_error_s=r.integer("stale_if_error_s", 0),
-            keep_s=r.integer("keep_s", 0), heuristic_fraction=heuristic,
+            # Stale entries with validators are kept an hour for revalidation in honor mode;
+            # in override mode the route's TTL is the whole story unless keep_s is set.
+            keep_s=r.integer("keep_s", DEFAULT_KEEP_S if mode == "honor" else 0),
+            heuristic_fraction=heuristic,
             honor_request_directives=r.flag("honor_request_directives", True),
         ))
         r.done()

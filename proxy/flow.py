@@ -318,8 +318,10 @@ class Flow:
             except StoreUnavailable:
                 return False
             e = lk.stored
-            if isinstance(e, Entry) and e.response_time >= fill.lookup.epoch_ms / 1000 - 1 and \
-                    policy.decide(e.facts(), fill.directives, time.time()).use is Use.FRESH:
+            if not isinstance(e, Entry) or \
+                    (self.pending and self.pending.blocks(e.tags, e.response_time)):
+                return False
+            if policy.decide(e.facts(), fill.directives, time.time()).use is Use.FRESH:
                 found.append(e)
                 return True
             return False
@@ -382,7 +384,8 @@ class Flow:
         user_scope = route.scope == "user"
         verdict = policy.storable(status=up.status,
                                   request_headers=list(ctx.request.headers.items()),
-                                  response_headers=up.headers, route=route, user_scope=user_scope)
+                                  response_headers=up.headers, route=route, user_scope=user_scope,
+                                  credential_header=self.cfg.cache.identity.header)
         if not verdict.storable:
             await self._hit_for_miss(fill, verdict.reason)
             return Fetched(Status(Outcome.UNCACHEABLE, verdict.reason, fwd_status=up.status),
@@ -471,7 +474,11 @@ class Flow:
         return True, ""
 
     async def _hit_for_miss(self, fill: Fill, reason: str) -> None:
-        if self.store is None or self.cfg.cache.hit_for_miss_s <= 0:
+        """Remember for a while that this key's responses cannot be stored, so that later
+        requests go straight upstream instead of queueing behind one another. Reasons that
+        belong to one request (its credentials, its no-store) do not count."""
+        if self.store is None or self.cfg.cache.hit_for_miss_s <= 0 or \
+                reason in _REQUEST_REASONS:
             return
         with contextlib.suppress(StoreUnavailable):
             await self.store.hit_for_miss(fill.primary, reason, self.cfg.cache.hit_for_miss_s)
@@ -518,21 +525,26 @@ class Flow:
         self._refreshing.add(fill.primary)
 
         async def refresh() -> None:
-            ticket = await self.coalescer.join(fill.primary)
-            result: Entry | None = None
             try:
-                if not ticket.leader or ticket.remote:
-                    return
-                fetched = await self._fetch(fill, stale, validate=stale.has_validators)
-                if fetched.up is not None:
-                    fetched.up.close()
-                if fetched.stored:
-                    result = fetched.entry
-            except UpstreamError as e:
-                log.info("background refresh failed", key=fill.primary, error=e.kind)
+                ticket = await self.coalescer.join(fill.primary)
+                if not ticket.leader:
+                    return  # a fetch of this key is under way in this process already
+                result: Entry | None = None
+                try:
+                    if ticket.remote:
+                        return  # another process holds the fill lock: it refreshes
+                    fetched = await self._fetch(fill, stale, validate=stale.has_validators)
+                    if fetched.up is not None:
+                        fetched.up.close()
+                    if fetched.error is not None:
+                        log.info("background refresh failed", route=fill.route.name,
+                                 error=fetched.error.kind)
+                    if fetched.stored:
+                        result = fetched.entry
+                finally:
+                    await self.coalescer.finish(ticket, result)
             finally:
                 self._refreshing.discard(fill.primary)
-                await self.coalescer.finish(ticket, result)
 
         self._spawn(refresh())
 
@@ -580,7 +592,7 @@ class Flow:
             if complete:
                 up.release()
                 response_json = _parse_json(prefix)
-        if self.store is not None and self.cfg.cache.enabled:
+        if self.store is not None and self.cfg.cache.enabled and ctx.method not in _SAFE:
             scope = self._write_scope(req)
             tctx = self._template_ctx(req, {}, scope, request_json, response_json)
             origins = {req.host, self.upstream.netloc} if req.host else {self.upstream.netloc}
@@ -792,6 +804,7 @@ class Flow:
                             headers=headers)
 
 
+_REQUEST_REASONS = frozenset({"authorization", "request-no-store"})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -286,6 +286,7 @@ def storable(
     response_headers: Headers,
     route: RouteConfig,
     user_scope: bool,
+    credential_header: str = "authorization",
 ) -> Verdict:
     """§3, for a shared cache, with the route's mode; the request is a GET."""
     req_cc = CacheControl.of(request_headers)
@@ -305,9 +306,10 @@ def storable(
     if "*" in vary_names(response_headers):
         return Verdict(False, "vary-star")
     # §3.5: a shared cache stores a response to an authenticated request only when the
-    # response says so explicitly. Cookies are treated like Authorization here: stricter than
-    # the RFC, as Varnish is, because a cookie is how most APIs identify a user.
-    if not user_scope and _carries_credentials(request_headers) and \
+    # response says so explicitly. Cookies and the configured identity header are treated
+    # like Authorization here: stricter than the RFC (Varnish does so for cookies too),
+    # because they are how most APIs tell users apart.
+    if not user_scope and _carries_credentials(request_headers, credential_header) and \
             not ("public" in cc or "must-revalidate" in cc or "s-maxage" in cc):
         return Verdict(False, "authorization")
     if route.mode == "override":
@@ -323,8 +325,9 @@ def storable(
     return Verdict(True)
 
 
-def _carries_credentials(headers: Headers) -> bool:
-    return any(k.lower() in ("authorization", "cookie") for k, _ in headers)
+def _carries_credentials(headers: Headers, credential_header: str) -> bool:
+    names = {"authorization", "cookie", credential_header.lower()}
+    return any(k.lower() in names for k, _ in headers)
 
 
 def freshness(

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import Config, parse_config
+from upstream_stub.app import PROGRAMS
 from upstream_stub.app import create_app as create_stub
 
 from .procs import RedisServer
@@ -56,6 +57,10 @@ class StubControl:
 
     async def program(self, name: str, **spec: Any) -> None:
         await self._call("PUT", f"/__program/{name}", json=spec)
+
+    async def arrival(self, name: str) -> None:
+        """Wait until /p/{name} has received a request (the stub runs in this process)."""
+        await self.server.app[PROGRAMS][name].arrived.wait()
 
     async def received(self, name: str) -> list[dict[str, Any]]:
         return list((await self._call("GET", f"/__program/{name}"))["received"])

@@ -50,6 +50,8 @@ class Program:
     close_mid_body: bool = False
     count: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
+    # Set when a request arrives: in-process tests await it instead of polling.
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 STATS = web.AppKey("stats", Counter)
@@ -336,6 +338,7 @@ async def _programmed(request: web.Request) -> web.StreamResponse:
     if prog is None:
         return _error(404, "not_programmed", f"PUT /__program/{name} first")
     body_in = await request.read()
+    prog.arrived.set()
     prog.count += 1
     prog.received.append({"method": request.method, "path_qs": request.raw_path,
                           "headers": [[k, v] for k, v in request.headers.items()],
