@@ -2,12 +2,13 @@
 #   make run    set up, then run Redis (reused or started), the upstream stub and the proxy
 #   make test   set up, then run the tests (they start their own redis-server processes)
 #   make lint   ruff and mypy          make bench   hit throughput/latency vs the stub
+#   make conformance   the cache-tests.fyi suite against the proxy (needs node and npm)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench soak clean
+.PHONY: setup run test lint bench conformance soak clean
 
 setup: $(VENV)/.installed
 
@@ -32,6 +33,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# The http-cache-tests suite (cache-tests.fyi), installed from npm into .cache/; needs node.
+conformance: setup
+	$(BIN)/python scripts/conformance.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

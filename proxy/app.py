@@ -60,6 +60,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("CACHE_KEY_SECRET is not set: using the development default; set a secret "
                     "shared by all instances in production")
     await app[UPSTREAM].start()
+    await store.warm()
     await app[COALESCER].start(ready_timeout_s=2 * config.redis.connect_timeout_ms / 1000)
     replayer = asyncio.create_task(_replay_loop(flow), name="replay-invalidations")
     log.info("started", upstream=config.upstream.url, routes=len(config.routes),

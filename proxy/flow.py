@@ -99,6 +99,7 @@ class Fetched:
     prefix: bytes = b""
     age: float = 0.0
     error: UpstreamError | None = None
+    fields: tuple[tuple[str, str], ...] | None = None  # delivered instead of entry.headers
 
 
 class Flow:
@@ -417,7 +418,11 @@ class Flow:
         age = policy.current_age(entry.initial_age, entry.response_time, time.time())
         status = Status(Outcome.MISS, why, ttl=entry.lifetime - age, stored=stored,
                         fwd_status=up.status, fwd="vary-miss" if fill.lookup.vary else None)
-        return Fetched(status, entry=entry, stored=stored, age=age)
+        fields = [(k, v) for k, v in policy.end_to_end(up.headers)
+                  if k.lower() not in ("content-length", "age")]
+        if policy.get_first(fields, "date") is None:
+            fields.append(("Date", policy.format_http_date(entry.response_time)))
+        return Fetched(status, entry=entry, stored=stored, age=age, fields=tuple(fields))
 
     def _make_entry(self, fill: Fill, status: int, headers: list[tuple[str, str]], body: bytes,
                     request_time: float, response_time: float) -> Entry:
@@ -513,7 +518,8 @@ class Flow:
         if fetched.error is not None:
             return self._upstream_error(ctx, fetched.error)
         if fetched.entry is not None:
-            return self._deliver_entry(ctx, fetched.entry, fetched.age, fetched.status)
+            return self._deliver_entry(ctx, fetched.entry, fetched.age, fetched.status,
+                                       fetched.fields)
         assert fetched.up is not None
         return await self._stream(ctx, fetched.up, fetched.status, fetched.prefix)
 
@@ -711,11 +717,16 @@ class Flow:
             headers["Cache-Status"] = member
         headers["X-Request-ID"] = ctx.rid
 
-    def _deliver_entry(self, ctx: Ctx, entry: Entry, age: float, status: Status) -> web.Response:
+    def _deliver_entry(self, ctx: Ctx, entry: Entry, age: float, status: Status,
+                       fields: tuple[tuple[str, str], ...] | None = None) -> web.Response:
+        """Answer from an entry. ``fields`` replaces the stored header section when the
+        response was just fetched: the client that caused the fetch gets every end-to-end
+        field, including those the store left out (qualified no-cache / private)."""
         ctx.status = status
         req = ctx.request
         headers: CIMultiDict[str] = CIMultiDict(
-            (k, v) for k, v in entry.headers if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
+            (k, v) for k, v in (entry.headers if fields is None else fields)
+            if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
         if not self.cfg.cache.keep_surrogate_headers:
             for name in ("Surrogate-Key", "Cache-Tag"):
                 headers.popall(name, None)

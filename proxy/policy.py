@@ -24,17 +24,18 @@ DELTA_MAX = 2147483648
 
 # RFC 9110 §7.6.1 plus widely deployed non-standard ones: never stored, never forwarded.
 HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "transfer-encoding", "upgrade",
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authentication-info",
+    "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
 })
 
 # Statuses this cache "understands" for §5.2.2.3 must-understand.
 UNDERSTOOD_STATUSES = HEURISTIC_STATUSES | {201, 202, 302, 303, 307, 400, 401, 403, 500, 502,
                                             503, 504}
 
-# §4.3.4: headers a 304 must not overwrite in the stored response.
+# §3.2 / §4.3.4: fields describing the stored body (or the validator it was selected by),
+# which a 304 must not overwrite.
 NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "transfer-encoding",
-                                "content-range"})
+                                "content-range", "content-md5", "etag"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,22 +235,29 @@ def format_http_date(ts: float) -> str:
 # Age (§4.2.3)
 
 
-def age_value(headers: Headers) -> int:
-    """The upstream ``Age``: the first list member when it is a non-negative integer (§5.1)."""
+def age_value(headers: Headers) -> int | None:
+    """The upstream ``Age`` in seconds: 0 when absent, None when unusable.
+
+    §5.1 asks for the first member of a list-valued Age and calls anything but a
+    non-negative integer invalid, to be treated as stale. An Age that arrives as a list or
+    on several lines is treated as invalid too: a singleton field that came twice means
+    something on the way misbehaved, and §4.2.1 allows "stale" for duplicated freshness
+    information; erring towards a refetch is the safe side.
+    """
     values = get_all(headers, "age")
     if not values:
         return 0
-    first = split_list(values[:1])
-    if not first or not first[0].isdigit():
-        return 0
-    return min(int(first[0]), DELTA_MAX)
+    members = split_list(values)
+    if len(members) != 1 or not members[0].isdigit() or not members[0].isascii():
+        return None
+    return min(int(members[0]), DELTA_MAX)
 
 
 def corrected_initial_age(headers: Headers, request_time: float, response_time: float) -> float:
     date_value = parse_http_date(get_first(headers, "date"), response_time)
     apparent_age = max(0.0, response_time - date_value) if date_value is not None else 0.0
     response_delay = max(0.0, response_time - request_time)
-    corrected_age_value = age_value(headers) + response_delay
+    corrected_age_value = (age_value(headers) or 0) + response_delay
     return max(apparent_age, corrected_age_value)
 
 
@@ -356,6 +364,8 @@ def freshness(
         swr = max(swr, float(route.grace_s))
         sie = max(sie, float(route.stale_if_error_s))
     lifetime, source = _lifetime(status, response_headers, cc, route, response_time)
+    if age_value(response_headers) is None:
+        lifetime, source = 0.0, "invalid-age"  # §5.1
     return Freshness(lifetime, source, swr, sie, no_cache, forbid_stale)
 
 

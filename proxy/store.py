@@ -155,6 +155,9 @@ class Store:
         self.cfg = cfg
         self.prefix = "{" + cfg.prefix + "}:"
         self.budget_s = cfg.timeout_ms / 1000.0
+        # The socket timeout bounds each command; a call that must open a connection first
+        # may also spend the connect timeout.
+        self.call_limit_s = self.budget_s + cfg.connect_timeout_ms / 1000.0
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s)
         self._clock = clock
         self._observer = observer
@@ -167,6 +170,8 @@ class Store:
             # Retrying inside redis-py would spend the budget several times over.
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            # No CLIENT SETINFO round trips on every new connection.
+            driver_info=None,
         )
         self.redis: aioredis.Redis = aioredis.Redis(connection_pool=pool)
         # Pub/sub blocks on reads for as long as nothing is published: it gets its own client
@@ -174,10 +179,18 @@ class Store:
         self.listener: aioredis.Redis = aioredis.Redis.from_url(
             cfg.url, socket_timeout=None,
             socket_connect_timeout=cfg.connect_timeout_ms / 1000.0,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0, max_connections=4)
+            retry=Retry(NoBackoff(), 0), health_check_interval=0, max_connections=4,
+            driver_info=None)
         self._save = self.redis.register_script(_SAVE)
         self._hfm = self.redis.register_script(_HIT_FOR_MISS)
         self._purge = self.redis.register_script(_PURGE_TAG)
+
+    async def warm(self, connections: int = 4) -> None:
+        """Open a few pooled connections before traffic arrives (best effort)."""
+        async def ping() -> None:
+            with contextlib.suppress(StoreUnavailable):
+                await self.run("ping", lambda: self.redis.ping(), trips=False)
+        await asyncio.gather(*(ping() for _ in range(connections)))
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)
@@ -216,7 +229,7 @@ class Store:
         started = time.perf_counter()
         kind: str | None = None
         try:
-            async with asyncio.timeout(budget_s or self.budget_s):
+            async with asyncio.timeout(budget_s or self.call_limit_s):
                 result = await fn()
         except (TimeoutError, rex.TimeoutError):
             kind = "timeout"
@@ -235,11 +248,10 @@ class Store:
             self.breaker.success()
             self._observe(op, time.perf_counter() - started, None)
             return result
-        # An OOM answer or a local pool shortage says nothing about Redis being down.
-        if trips and kind not in ("oom", "pool", "response"):
+        if kind in ("oom", "response"):
+            self.breaker.success()  # Redis answered: it is up, only this command failed
+        elif trips and kind != "pool":  # a local pool shortage says nothing about Redis
             self.breaker.failure(self._clock())
-        else:
-            self.breaker.success() if kind in ("oom", "response") else None
         self._observe(op, time.perf_counter() - started, kind)
         raise StoreUnavailable(kind)
 

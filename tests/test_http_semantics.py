@@ -274,6 +274,8 @@ async def test_stored_headers(proxy: TestClient[Any, Any], stubctl: StubControl)
         assert gone not in hit.headers
     assert int(hit.headers["Age"]) >= 5  # generated, counting the upstream's Age
     assert miss.headers["X-C"] == "3"
+    assert miss.headers["X-Private"] == "secret"  # the fetching client gets every field
+    assert "X-A" not in miss.headers  # ... but never hop-by-hop ones
 
 
 # -- invalidation (§4.4) --------------------------------------------------------------------------

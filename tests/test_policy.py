@@ -82,11 +82,19 @@ def test_http_date(value: str, expected: float | None) -> None:
 # -- §4.2.3 age -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("age_header", "expected"), [
-    (["7200"], 7200), (["abc"], 0), (["-7200"], 0), (["7200.0"], 0), (["0, 7200"], 0),
-    (["7200,0"], 7200), (["7200", "0"], 7200),
+    ([], 0), (["7200"], 7200), (["007"], 7), (["99999999999"], 2147483648),
+    # §5.1: anything but one non-negative integer is invalid (and the response stale)
+    (["abc"], None), (["-7200"], None), (["7200.0"], None), (["0, 7200"], None),
+    (["7200,0"], None), (["7200", "0"], None), (["0", "0"], None), (["7200;foo=bar"], None),
 ])
-def test_age_value_takes_first_member(age_header: list[str], expected: int) -> None:
+def test_age_value(age_header: list[str], expected: int | None) -> None:
     assert policy.age_value([("Age", v) for v in age_header]) == expected
+
+
+def test_invalid_age_means_stale_in_honor_mode_only() -> None:
+    headers = [("Cache-Control", "max-age=3600"), ("Age", "abc")]
+    assert lifetime(headers) == (0, "invalid-age")
+    assert lifetime(headers, OVERRIDE) == (300, "route")
 
 
 def test_corrected_initial_age() -> None:
@@ -313,5 +321,9 @@ def test_validators_and_304_merge() -> None:
     assert d["x-a"] == "2"
     assert d["cache-control"] == "max-age=3600"
     assert d["content-length"] == "5"  # §4.3.4: not updated by a 304
+    merged = policy.merge_304([*STORED, ("Content-MD5", "a")],
+                              [("ETag", 'W/"v1"'), ("Content-MD5", "b")])
+    assert ("Content-MD5", "a") in merged  # describes the stored body
+    assert ("ETag", '"v1"') in merged
     assert policy.validator_matches(STORED, [("ETag", 'W/"v1"')])
     assert not policy.validator_matches(STORED, [("ETag", '"v2"')])
