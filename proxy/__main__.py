@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from . import log as logsetup
-from .app import create_app
+from .app import create_admin_app, create_app
 from .config import Config, ConfigError, load_config, redacted
 
 
@@ -72,6 +72,14 @@ async def _serve(config: Config, host: str, port: int) -> None:
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=False)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
+    admin_runner = None
+    if config.admin.port is not None:
+        admin_runner = web.AppRunner(create_admin_app(app), access_log=None,
+                                     handle_signals=False)
+        await admin_runner.setup()
+        await web.TCPSite(admin_runner, host, config.admin.port).start()
+        admin_port = admin_runner.addresses[0][1] if admin_runner.addresses else 0
+        print(f"LISTENING-ADMIN http://{host}:{admin_port}", flush=True)
     print(f"LISTENING http://{host}:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,6 +88,8 @@ async def _serve(config: Config, host: str, port: int) -> None:
     await stop.wait()
     # Stop accepting, let in-flight requests finish (up to shutdown_timeout_s), then close
     # Redis and the upstream session (cleanup_ctx).
+    if admin_runner is not None:
+        await admin_runner.cleanup()
     await runner.cleanup()
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from . import admin
+from . import admin as admin_routes
+from .admin import Admin
 from .coalesce import Coalescer
 from .config import Config
+from .errors import StoreUnavailable
 from .flow import Flow
 from .log import get as get_logger
 from .metrics import Metrics
@@ -24,14 +27,19 @@ STORE = web.AppKey("store", Store)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COALESCER = web.AppKey("coalescer", Coalescer)
 FLOW = web.AppKey("flow", Flow)
+ADMIN = web.AppKey("admin", Admin)
 
 log = get_logger("app")
 
-# How often deferred invalidations are retried while Redis is away.
+# How often deferred invalidations are retried while Redis is away, and how often this
+# instance's counters are added to the shared ones.
 REPLAY_INTERVAL_S = 0.25
+STATS_PUSH_INTERVAL_S = 1.0
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
+    """The proxy. Admin routes and /metrics are on it too, unless ``admin.port`` is set:
+    then ``create_admin_app`` serves them on their own port."""
     app = web.Application(handler_args={
         "max_field_size": config.server.max_header_bytes,
         "max_line_size": config.server.max_header_bytes,
@@ -49,8 +57,19 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[COALESCER] = coalescer
     app[FLOW] = flow
     app.cleanup_ctx.append(_lifecycle)
-    admin.register(app, config, flow, store, metrics)
+    target = app if config.admin.port is None else web.Application()
+    app[ADMIN] = admin_routes.register(target, config, flow, store, metrics,
+                                       instance=uuid.uuid4().hex[:12])
     app.router.add_route("*", "/{tail:.*}", flow.handle)
+    return app
+
+
+def create_admin_app(proxy_app: web.Application) -> web.Application:
+    """Admin routes and /metrics on their own application (``admin.port``); the resources
+    belong to ``proxy_app``, which must be running."""
+    cfg, admin = proxy_app[CONFIG], proxy_app[ADMIN]
+    app = web.Application()
+    admin_routes.register(app, cfg, admin.flow, admin.store, admin.metrics, admin.instance)
     return app
 
 
@@ -62,16 +81,20 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[UPSTREAM].start()
     await store.warm()
     await app[COALESCER].start(ready_timeout_s=2 * config.redis.connect_timeout_ms / 1000)
-    replayer = asyncio.create_task(_replay_loop(flow), name="replay-invalidations")
+    tasks = [asyncio.create_task(_replay_loop(flow), name="replay-invalidations"),
+             asyncio.create_task(_stats_loop(flow, store, app[ADMIN].instance),
+                                 name="push-stats")]
     log.info("started", upstream=config.upstream.url, routes=len(config.routes),
-             cache_enabled=config.cache.enabled)
+             cache_enabled=config.cache.enabled, instance=app[ADMIN].instance)
     try:
         yield
     finally:
-        replayer.cancel()
+        for task in tasks:
+            task.cancel()
         for task in list(flow.background):
             task.cancel()
-        await asyncio.gather(replayer, *flow.background, return_exceptions=True)
+        await asyncio.gather(*tasks, *flow.background, return_exceptions=True)
+        await _push_stats(flow, store, app[ADMIN].instance)
         await app[COALESCER].close()
         await app[UPSTREAM].close()
         with contextlib.suppress(Exception):
@@ -87,3 +110,20 @@ async def _replay_loop(flow: Flow) -> None:
                 await flow.replay_pending()
             except Exception:  # never let the loop die; the next round tries again
                 log.exception("replaying invalidations failed")
+
+
+async def _stats_loop(flow: Flow, store: Store, instance: str) -> None:
+    while True:
+        await asyncio.sleep(STATS_PUSH_INTERVAL_S)
+        await _push_stats(flow, store, instance)
+
+
+async def _push_stats(flow: Flow, store: Store, instance: str) -> None:
+    deltas = flow.stats.take_unpushed()
+    try:
+        await store.push_stats(deltas, instance)
+    except StoreUnavailable:
+        flow.stats.give_back(deltas)
+    except Exception:
+        flow.stats.give_back(deltas)
+        log.exception("pushing statistics failed")

@@ -119,7 +119,9 @@ class AdminConfig:
     prefix: str = "/cache"
     tokens: tuple[AdminToken, ...] = ()
     open_health: bool = True
-    port: int | None = None
+    open_metrics: bool = True
+    port: int | None = None  # serve admin routes and /metrics on this port instead
+    session_tag: str = "session:{id}"  # what DELETE {prefix}/session/{id} purges
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,11 +564,16 @@ def _admin(r: _Reader, env: Mapping[str, str]) -> AdminConfig:
         if len(t.value) < 8:
             raise ConfigError(f"admin token {t.name}", "<redacted>",
                               "must be at least 8 characters")
+    session_tag = r.text("session_tag", d.session_tag)
+    if "{id}" not in session_tag or any(c.isspace() for c in session_tag):
+        raise r._err("session_tag", session_tag, "must contain {id} and no spaces")
     out = AdminConfig(
         prefix=prefix.rstrip("/"),
         tokens=tuple(tokens),
         open_health=r.flag("open_health", d.open_health),
+        open_metrics=r.flag("open_metrics", d.open_metrics),
         port=r.opt_int("port", 0, 65535),
+        session_tag=session_tag,
     )
     r.done()
     return out

@@ -22,12 +22,12 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from multidict import CIMultiDict, MutableMultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MutableMultiMapping
 
 from . import keys, policy
 from .coalesce import Coalescer, Ticket
@@ -40,6 +40,7 @@ from .metrics import Metrics
 from .outcome import Outcome, Status
 from .policy import Decision, RequestDirectives, Use
 from .routes import Router, TemplateContext
+from .stats import Stats
 from .store import Lookup, Store
 from .upstream import Upstream, UpstreamResponse
 
@@ -117,6 +118,8 @@ class Flow:
         self._sensitive = frozenset({"authorization", "cookie", "proxy-authorization",
                                      config.cache.identity.header.lower()})
         self.pending = Pending()
+        self.replayed = asyncio.Event()  # set whenever nothing is pending
+        self.stats = Stats()
         self.background: set[asyncio.Task[Any]] = set()
         self._refreshing: set[str] = set()
         self.tombstone_ttl_ms = int(max(600.0, 3 * config.upstream.timeout_s) * 1000)
@@ -150,6 +153,7 @@ class Flow:
         self.metrics.requests.labels(ctx.route, ctx.method if ctx.method in _METHODS else "other",
                                      outcome).inc()
         self.metrics.request_seconds.labels(outcome).observe(elapsed)
+        self.stats.request(ctx.route, ctx.status.outcome)
         if ctx.served_bytes:
             self.metrics.served_bytes.inc(ctx.served_bytes)
         fields: dict[str, Any] = {
@@ -184,7 +188,8 @@ class Flow:
             # A body is not part of the key: caching it would let one client's body decide
             # what others are served.
             return await self._forward(ctx, Status(Outcome.PASS, "request-body"))
-        scope = self._scope(route, req)
+        scope = self.scope(route, req.headers.get(self.cfg.cache.identity.header),
+                           self._cookie(req))
         if scope is None:
             return await self._forward(ctx, Status(Outcome.PASS, "no-credential"))
         headers = list(req.headers.items())
@@ -203,7 +208,7 @@ class Flow:
         fill = Fill(ctx, route, matched.params, scope, primary, lk, directives)
         stored = lk.stored
         if isinstance(stored, Entry) and self.pending and \
-                self.pending.blocks(stored.tags, stored.response_time):
+                self.pending.blocks(stored.tags, stored.request_time):
             return await self._fill(fill, None, detail="pending-invalidation")
         if isinstance(stored, Entry):
             now = time.time()
@@ -227,36 +232,48 @@ class Flow:
             return await self._fill(fill, None, coalesce=False, detail="hit-for-miss")
         return await self._fill(fill, None)
 
-    def _scope(self, route: RouteConfig, req: web.Request) -> str | None:
+    def scope(self, route: RouteConfig, header: str | None, cookie: str | None) -> str | None:
+        """The identity scope of a request on ``route``: ``public``, an HMAC of the caller's
+        credential (identity header and/or cookie), or None when a user-scoped route gets no
+        credential (then nothing is cached)."""
         if route.scope == "public":
             return keys.PUBLIC_SCOPE
-        ident = self.cfg.cache.identity
-        parts = []
-        value = req.headers.get(ident.header)
-        if value:
-            parts.append(value)
-        if ident.cookie:
-            cookie = req.cookies.get(ident.cookie)
-            if cookie:
-                parts.append("cookie:" + cookie)
-        if not parts:
-            return None
-        return keys.scope_id(self.secret, "\x00".join(parts))
+        return self._user_scope(header, cookie)
 
-    def _value_of(self, req: web.Request) -> Any:
+    def _user_scope(self, header: str | None, cookie: str | None) -> str | None:
+        parts = []
+        if header:
+            parts.append(header)
+        if cookie:
+            parts.append("cookie:" + cookie)
+        return keys.scope_id(self.secret, "\x00".join(parts)) if parts else None
+
+    def _cookie(self, req: web.Request) -> str | None:
+        name = self.cfg.cache.identity.cookie
+        return req.cookies.get(name) if name else None
+
+    def _value_of(self, req: web.Request) -> Callable[[str], str | None]:
+        return self.header_values(req.headers)
+
+    def header_values(self, headers: CIMultiDictProxy[str] | CIMultiDict[str],
+                      ) -> Callable[[str], str | None]:
         """A request header's normalised value for Vary matching. Credentials are replaced
         by their HMAC, so a response that varies on one never puts it in a key or entry."""
         def value_of(name: str) -> str | None:
-            value = policy.normalise_field(name, req.headers.getall(name, []))
+            value = policy.normalise_field(name, headers.getall(name, []))
             if value is not None and name in self._sensitive:
                 return "hmac:" + keys.scope_id(self.secret, value)
             return value
         return value_of
 
-    def _variant(self, req: web.Request) -> Any:
-        value_of = self._value_of(req)
+    def _variant(self, req: web.Request) -> Callable[[str, Sequence[str]],
+                                                     tuple[str, keys.VaryValues]]:
+        return self.variant_of(self._value_of(req))
 
-        def variant(primary: str, names: Any) -> tuple[str, tuple[tuple[str, str | None], ...]]:
+    @staticmethod
+    def variant_of(value_of: Callable[[str], str | None],
+                   ) -> Callable[[str, Sequence[str]], tuple[str, keys.VaryValues]]:
+        def variant(primary: str, names: Sequence[str]) -> tuple[str, keys.VaryValues]:
             return keys.variant_key(primary, names, value_of)
         return variant
 
@@ -314,13 +331,14 @@ class Flow:
 
         async def recheck() -> bool:
             try:
-                lk = await self.store.lookup(fill.primary, self._value_of(req),  # type: ignore[union-attr]
+                assert self.store is not None
+                lk = await self.store.lookup(fill.primary, self._value_of(req),
                                              self._variant(req))
             except StoreUnavailable:
                 return False
             e = lk.stored
             if not isinstance(e, Entry) or \
-                    (self.pending and self.pending.blocks(e.tags, e.response_time)):
+                    (self.pending and self.pending.blocks(e.tags, e.request_time)):
                 return False
             if policy.decide(e.facts(), fill.directives, time.time()).use is Use.FRESH:
                 found.append(e)
@@ -476,6 +494,7 @@ class Flow:
         if not ok:
             return False, "invalidated-during-fill"
         self.metrics.stored.labels(fill.route.name).inc()
+        self.stats.stored(fill.route.name)
         return True, ""
 
     async def _hit_for_miss(self, fill: Fill, reason: str) -> None:
@@ -599,7 +618,8 @@ class Flow:
                 up.release()
                 response_json = _parse_json(prefix)
         if self.store is not None and self.cfg.cache.enabled and ctx.method not in _SAFE:
-            scope = self._write_scope(req)
+            scope = self._user_scope(req.headers.get(self.cfg.cache.identity.header),
+                                     self._cookie(req))
             tctx = self._template_ctx(req, {}, scope, request_json, response_json)
             origins = {req.host, self.upstream.netloc} if req.host else {self.upstream.netloc}
             wt = write_tags(path=ctx.path, query=ctx.query, response_headers=up.headers,
@@ -617,52 +637,56 @@ class Flow:
             return self._buffered(ctx, up.status, up.headers, prefix, ctx.status)
         return await self._stream(ctx, up, ctx.status, prefix)
 
-    def _write_scope(self, req: web.Request) -> str | None:
-        ident = self.cfg.cache.identity
-        parts = []
-        if req.headers.get(ident.header):
-            parts.append(req.headers[ident.header])
-        if ident.cookie and req.cookies.get(ident.cookie):
-            parts.append("cookie:" + req.cookies[ident.cookie])
-        return keys.scope_id(self.secret, "\x00".join(parts)) if parts else None
 
     async def invalidate(self, tags: list[str], *, reason: str, soft: bool = False) -> str:
         """Purge ``tags`` now; if Redis cannot be reached, remember them (reads bypass what
         they cover until they are replayed). Returns a detail word for the response."""
         assert self.store is not None
         at = time.time()
-        failed: list[str] = []
-        total = 0
-        for tag in tags:
-            try:
-                total += await self.store.purge_tag(tag, soft=soft,
-                                                    tombstone_ttl_ms=self.tombstone_ttl_ms)
-            except StoreUnavailable:
-                failed.append(tag)
+        try:
+            total = await self.store.purge_tags(tags, soft=soft,
+                                                tombstone_ttl_ms=self.tombstone_ttl_ms)
+        except StoreUnavailable:
+            total, failed = 0, tags
+        else:
+            failed = []
         if total:
             self.metrics.invalidated.labels(reason).inc(total)
+            self.stats.deleted(total)
         if failed:
-            self.pending.add(failed, at)
-            self.metrics.pending_invalidations.set(len(self.pending))
-            log.warning("invalidation deferred: redis unavailable", tags=len(failed))
+            self.defer(failed, at)
             return "invalidation-pending"
         return ""
+
+    def defer(self, tags: list[str], at: float) -> None:
+        """Remember invalidations Redis did not take; reads bypass what they cover until
+        ``replay_pending`` gets them through."""
+        self.pending.add(tags, at)
+        self.replayed.clear()
+        self.metrics.pending_invalidations.set(len(self.pending))
+        log.warning("invalidation deferred: redis unavailable", tags=len(tags))
 
     async def replay_pending(self) -> int:
         """Replay deferred invalidations; returns how many are still pending."""
         if not self.pending or self.store is None:
+            self.replayed.set()
             return 0
-        for tag, at in self.pending.snapshot().items():
-            try:
-                await self.store.purge_tag(tag, tombstone_ttl_ms=self.tombstone_ttl_ms)
-            except StoreUnavailable:
-                break
+        snapshot = self.pending.snapshot()
+        try:
+            await self.store.purge_tags(list(snapshot), tombstone_ttl_ms=self.tombstone_ttl_ms)
+        except StoreUnavailable:
+            return len(self.pending) + (1 if self.pending.floor is not None else 0)
+        for tag, at in snapshot.items():
             self.pending.done(tag, at)
+        log.info("deferred invalidations replayed", tags=len(snapshot))
         if self.pending.floor is not None:
             # Everything fetched before the floor has expired once the longest TTL passed.
             self.pending.floor_done(time.time() - self.cfg.cache.max_entry_ttl_s)
         self.metrics.pending_invalidations.set(len(self.pending))
-        return len(self.pending) + (1 if self.pending.floor is not None else 0)
+        left = len(self.pending) + (1 if self.pending.floor is not None else 0)
+        if not left:
+            self.replayed.set()
+        return left
 
     def _request_body(self, req: web.Request) -> LimitedBody:
         limit = self.cfg.server.max_request_body_bytes

@@ -42,16 +42,36 @@ from .errors import EntryCorrupt, StoreUnavailable
 T = TypeVar("T")
 
 ALL_TAG = "~all"
+STATS_TTL_MS = 30 * 86400 * 1000  # shared counters outlive any instance, not forever
+INSTANCE_TTL_MS = 60 * 1000  # an instance that has not pushed for a minute is gone
 # Bounds the work (and the time Redis is blocked) of one purge script call.
 PURGE_BATCH = 500
 
 OpObserver = Callable[[str, float, str | None], None]
 
-# KEYS: [1] entry key, [2] primary key (vary marker; "" when the response does not vary),
-#       [3 .. 2+n] tag index keys, [3+n .. 2+2n] tombstone keys
+# Removes an entry from every index its metadata names (and from ~all), so that indexes stay
+# exact when an entry is replaced or purged. ``prefix`` is the key prefix ("{P}:").
+_UNINDEX = """
+local function unindex(prefix, member)
+  local meta = redis.call('HGET', member, 'm')
+  if meta then
+    local ok, doc = pcall(cjson.decode, meta)
+    if ok and type(doc) == 'table' and type(doc['t']) == 'table' then
+      for _, tag in ipairs(doc['t']) do
+        redis.call('ZREM', prefix .. 't:' .. tag, member)
+      end
+    end
+    redis.call('ZREM', prefix .. 't:~all', member)
+  end
+end
+"""
+
+# KEYS: [1] entry key, [2] primary key (vary marker; the entry key when the response does
+#       not vary), [3 .. 2+n] tag index keys, [3+n .. 2+2n] tombstone keys,
+#       [3+2n ..] index keys of the vary marker (its URL tag)
 # ARGV: [1] meta, [2] body, [3] ttl ms, [4] fill epoch ms, [5] n tags, [6] vary names or "",
-#       [7] first tag index the vary marker is indexed under (skips the ~all index)
-_SAVE = """
+#       [7] key prefix
+_SAVE = _UNINDEX + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[5])
@@ -64,8 +84,8 @@ for i = 3 + n, 2 + 2 * n do
 end
 local ttl = tonumber(ARGV[3])
 local expire_at = now + ttl
-local function index(member, from)
-  for i = from, 2 + n do
+local function index(member, from, to)
+  for i = from, to do
     redis.call('ZADD', KEYS[i], expire_at, member)
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
     if redis.call('PTTL', KEYS[i]) < ttl then
@@ -75,19 +95,21 @@ local function index(member, from)
 end
 if ARGV[6] ~= '' then
   local primary = KEYS[2]
-  if redis.call('HEXISTS', primary, 'v') == 0 or redis.call('HGET', primary, 'v') ~= ARGV[6] then
+  if redis.call('HGET', primary, 'v') ~= ARGV[6] then
+    unindex(ARGV[7], primary)
     redis.call('DEL', primary)
     redis.call('HSET', primary, 'v', ARGV[6])
   end
   if redis.call('PTTL', primary) < ttl then
     redis.call('PEXPIRE', primary, ttl)
   end
-  index(primary, 3 + tonumber(ARGV[7]))
+  index(primary, 3 + 2 * n, #KEYS)
 end
+unindex(ARGV[7], KEYS[1])
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'm', ARGV[1], 'b', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl)
-index(KEYS[1], 3)
+index(KEYS[1], 3, 2 + n)
 return 1
 """
 
@@ -102,41 +124,58 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: [1] tag index, [2] tombstone (or the index again when none is wanted)
-# ARGV: [1] soft (0/1), [2] tombstone ttl ms, [3] batch size, [4] offset (soft purges walk)
-# Returns {entries affected, 1 when more remain}.
-_PURGE_TAG = """
+# Purges tags in one call, bounded to ``batch`` entries per call so that Redis is never blocked
+# for long; the caller calls again with what is left.
+# KEYS: pairs (tag index, tombstone) per tag; the tombstone is the index again when none is
+#       wanted (admin purges of the entry set itself)
+# ARGV: [1] soft (0/1), [2] tombstone ttl ms, [3] batch size, [4] offset into the first tag
+#       (soft purges leave the index in place, so they walk it), [5] key prefix
+# Returns {entries affected, tags finished, offset to resume the first unfinished tag at}.
+_PURGE_TAGS = _UNINDEX + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if KEYS[2] ~= KEYS[1] and tonumber(ARGV[4]) == 0 then
-  redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
-end
-local batch = tonumber(ARGV[3])
+local soft = ARGV[1] == '1'
+local budget = tonumber(ARGV[3])
 local offset = tonumber(ARGV[4])
-local members = redis.call('ZRANGE', KEYS[1], offset, offset + batch - 1)
 local count = 0
-if ARGV[1] == '1' then
-  for _, m in ipairs(members) do
-    if redis.call('HEXISTS', m, 'm') == 1 then
-      redis.call('HSET', m, 'p', now)
-      count = count + 1
+local done = 0
+for i = 1, #KEYS, 2 do
+  local index, stone = KEYS[i], KEYS[i + 1]
+  if stone ~= index and offset == 0 then
+    redis.call('SET', stone, now, 'PX', ARGV[2])
+  end
+  local members = redis.call('ZRANGE', index, offset, offset + budget - 1)
+  if soft then
+    for _, m in ipairs(members) do
+      if redis.call('HEXISTS', m, 'm') == 1 then
+        redis.call('HSET', m, 'p', now)
+        count = count + 1
+      end
+    end
+  else
+    for _, m in ipairs(members) do
+      unindex(ARGV[5], m)
+      count = count + redis.call('DEL', m)
+    end
+    if #members > 0 then
+      redis.call('ZREM', index, unpack(members))
     end
   end
-else
-  for _, m in ipairs(members) do
-    count = count + redis.call('DEL', m)
+  if #members == budget then
+    -- the batch is spent; more may remain in this tag
+    if soft then
+      return {count, done, offset + #members}
+    end
+    return {count, done, 0}
   end
-  if #members > 0 then
-    redis.call('ZREM', KEYS[1], unpack(members))
+  if not soft then
+    redis.call('DEL', index)
   end
-  if #members < batch then
-    redis.call('DEL', KEYS[1])
-  end
+  budget = budget - #members
+  done = done + 1
+  offset = 0
 end
-if #members < batch then
-  return {count, 0}
-end
-return {count, 1}
+return {count, done, 0}
 """
 
 
@@ -183,7 +222,7 @@ class Store:
             driver_info=None)
         self._save = self.redis.register_script(_SAVE)
         self._hfm = self.redis.register_script(_HIT_FOR_MISS)
-        self._purge = self.redis.register_script(_PURGE_TAG)
+        self._purge = self.redis.register_script(_PURGE_TAGS)
 
     async def warm(self, connections: int = 4) -> None:
         """Open a few pooled connections before traffic arrives (best effort)."""
@@ -316,9 +355,14 @@ class Store:
         keys = [key, self.entry_key(primary) if primary else key]
         keys += [self.tag_key(t) for t in all_tags]
         keys += [self.tombstone_key(t) for t in all_tags]
+        if primary:
+            # The marker is found through its URL only (for RFC 9111 §4.4 and URL purges);
+            # the variants carry the other tags.
+            keys += [self.tag_key(t) for t in tags if t.startswith("url:")]
         ttl_ms = max(1, int(ttl_s * 1000))
         args: list[bytes | str | int] = [entry.meta_bytes(), entry.body, ttl_ms, epoch_ms,
-                                         len(all_tags), ",".join(vary) if vary else "", 1]
+                                         len(all_tags), ",".join(vary) if vary else "",
+                                         self.prefix]
         result = await self.run("save", lambda: self._save(keys=keys, args=args))
         return bool(result)
 
@@ -331,22 +375,127 @@ class Store:
     async def delete(self, key: str) -> int:
         return int(await self.run("delete", lambda: self.redis.unlink(key)))
 
-    async def purge_tag(self, tag: str, *, soft: bool = False, tombstone_ttl_ms: int = 0) -> int:
-        """Delete (or mark stale) every entry carrying ``tag``; returns how many. Leaves a
-        tombstone so that a fill that started before this purge cannot store old data."""
-        index = self.tag_key(tag)
-        stone = self.tombstone_key(tag) if tombstone_ttl_ms > 0 else index
+    async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
+                         tombstone_ttl_ms: int = 0) -> int:
+        """Delete (or, soft, mark stale) every entry carrying one of ``tags``; returns how
+        many. With ``tombstone_ttl_ms``, each tag keeps a tombstone for that long, so that a
+        fill that started before this purge cannot store what it fetched. Costs what it
+        deletes: one index read per tag, no scan of the keyspace."""
+        pairs: list[str] = []
+        for tag in dict.fromkeys(tags):
+            index = self.tag_key(tag)
+            pairs += [index, self.tombstone_key(tag) if tombstone_ttl_ms > 0 else index]
         total = 0
         offset = 0
-        while True:
-            args = [1 if soft else 0, max(tombstone_ttl_ms, 1), PURGE_BATCH, offset]
-            count, more = await self.run(
-                "purge", lambda a=args: self._purge(keys=[index, stone], args=a))  # type: ignore[misc]
+        while pairs:
+            args = [1 if soft else 0, max(tombstone_ttl_ms, 1), PURGE_BATCH, offset,
+                    self.prefix]
+            count, done, offset = await self.run(
+                "purge", lambda k=pairs, a=args: self._purge(keys=k, args=a))  # type: ignore[misc]
             total += int(count)
-            if not int(more):
-                return total
-            if soft:
-                offset += PURGE_BATCH
+            pairs = pairs[2 * int(done):]
+            offset = int(offset)
+        return total
+
+    # -- admin and statistics ------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Delete every key of this proxy (its prefix), never another program's keys in the
+        same database. Walks the keyspace with SCAN: an admin action, never on the request
+        path."""
+        pattern = self.prefix.replace("[", "\\[").replace("]", "\\]") + "*"
+        deleted = 0
+        cursor: int = 0
+        while True:
+            async def step(c: int = cursor) -> tuple[int, int]:
+                nxt, keys = await self.redis.scan(c, match=pattern, count=1000)
+                n = int(await self.redis.unlink(*keys)) if keys else 0
+                return int(nxt), n
+
+            cursor, n = await self.run("flush", step, budget_s=max(self.call_limit_s, 5.0))
+            deleted += n
+            if cursor == 0:
+                return deleted
+
+    async def push_stats(self, deltas: dict[str, int], instance: str) -> None:
+        """Add this instance's counter increments to the shared totals; heartbeat."""
+        key = self.stats_key
+        members = self.prefix + "instances"
+
+        async def push() -> None:
+            t_s, t_us = await self.redis.time()
+            now_ms = int(t_s) * 1000 + int(t_us) // 1000
+            pipe = self.redis.pipeline(transaction=False)
+            for field, n in deltas.items():
+                pipe.hincrby(key, field, n)
+            pipe.pexpire(key, STATS_TTL_MS)
+            pipe.zadd(members, {instance: now_ms})
+            pipe.zremrangebyscore(members, "-inf", now_ms - INSTANCE_TTL_MS)
+            pipe.pexpire(members, INSTANCE_TTL_MS)
+            await pipe.execute()
+
+        await self.run("stats", push, trips=False)
+
+    async def read_stats(self) -> tuple[dict[str, int], int]:
+        """The counters summed over every instance, and how many instances reported lately."""
+        async def read() -> tuple[dict[str, int], int]:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hgetall(self.stats_key)
+            pipe.zcard(self.prefix + "instances")
+            raw, n = await pipe.execute()
+            return {k.decode(): int(v) for k, v in raw.items()}, int(n)
+
+        return await self.run("stats", read, trips=False)
+
+    async def memory(self) -> dict[str, int]:
+        info = await self.run("info", lambda: self.redis.info("memory"), trips=False)
+        return {"used_memory": int(info.get("used_memory", 0)),
+                "maxmemory": int(info.get("maxmemory", 0))}
+
+    async def count_tagged(self, tags: Sequence[str]) -> list[int]:
+        """Live entries under each tag index (the index scores entries by expiry)."""
+        async def count() -> list[int]:
+            t_s, t_us = await self.redis.time()
+            now_ms = int(t_s) * 1000 + int(t_us) // 1000
+            pipe = self.redis.pipeline(transaction=False)
+            for tag in tags:
+                pipe.zcount(self.tag_key(tag), now_ms, "+inf")
+            return [int(n) for n in await pipe.execute()]
+
+        return await self.run("count", count, trips=False)
+
+    async def list_entries(self, tag: str, offset: int, limit: int, *,
+                           bodies: bool) -> list[tuple[str, int, dict[bytes, bytes]]]:
+        """A page of live entries under a tag index: (key, ms to live, stored fields)."""
+        async def page() -> list[tuple[str, int, dict[bytes, bytes]]]:
+            t_s, t_us = await self.redis.time()
+            now_ms = int(t_s) * 1000 + int(t_us) // 1000
+            keys: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+                self.tag_key(tag), now_ms, "+inf", start=offset, num=limit)
+            pipe = self.redis.pipeline(transaction=False)
+            for k in keys:
+                pipe.pttl(k)
+                if bodies:
+                    pipe.hgetall(k)
+                else:
+                    pipe.hmget(k, "m", "p")
+            raw = await pipe.execute(raise_on_error=False)
+            out = []
+            for i, k in enumerate(keys):
+                ttl, fields = raw[2 * i], raw[2 * i + 1]
+                if isinstance(fields, Exception) or isinstance(ttl, Exception):
+                    continue
+                if not bodies:
+                    fields = {name: v for name, v in zip((b"m", b"p"), fields, strict=True)
+                              if v is not None}
+                    fields.setdefault(b"b", b"")
+                out.append((k.decode(), int(ttl), fields))
+            return out
+
+        return await self.run("keys", page, trips=False, budget_s=max(self.call_limit_s, 2.0))
+
+    async def pttl(self, key: str) -> int:
+        return int(await self.run("ttl", lambda: self.redis.pttl(key), trips=False))
 
     async def ping(self) -> float:
         started = time.perf_counter()

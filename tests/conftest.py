@@ -11,10 +11,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
-from proxy.config import Config, parse_config
+from proxy.config import Config, load_config, parse_config
 from upstream_stub.app import PROGRAMS
 from upstream_stub.app import create_app as create_stub
 
+from .procs import ROOT as ROOT_DIR
 from .procs import RedisServer
 
 ALICE = {"Authorization": "Bearer alice-token"}  # example tokens of the stub's demo users
@@ -134,3 +135,29 @@ async def make_proxy(aiohttp_client: Any, stub: TestServer,
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy) -> TestClient[Any, Any]:
     return await make_proxy()
+
+
+# Example admin tokens, for tests only.
+READ_TOKEN = "example-read-token-1"
+PURGE_TOKEN = "example-purge-token-1"
+SUPER_TOKEN = "example-super-token-1"
+AS_READER = {"Authorization": f"Bearer {READ_TOKEN}"}
+AS_PURGER = {"Authorization": f"Bearer {PURGE_TOKEN}"}
+AS_SUPERUSER = {"Authorization": f"Bearer {SUPER_TOKEN}"}
+
+
+def shipped_env(stub: TestServer, redis_server: RedisServer) -> dict[str, str]:
+    return {"UPSTREAM_URL": str(stub.make_url("")).rstrip("/"),
+            "REDIS_CACHE_URL": redis_server.url(),
+            "CACHE_KEY_SECRET": "test-secret-0123456789",
+            "CACHE_READ_TOKEN": READ_TOKEN, "CACHE_ADMIN_TOKEN": PURGE_TOKEN,
+            "CACHE_SUPERUSER_TOKEN": SUPER_TOKEN}
+
+
+@pytest.fixture
+async def shipped(aiohttp_client: Any, stub: TestServer,
+                  redis_server: RedisServer) -> TestClient[Any, Any]:
+    """The proxy exactly as config.yaml configures it, pointed at the stub and test Redis."""
+    config = load_config(ROOT_DIR / "config.yaml", shipped_env(stub, redis_server))
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
+    return client
