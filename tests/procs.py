@@ -28,6 +28,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# What was read from a process's stdout past the last line returned, by pid.
+_unread: dict[int, bytes] = {}
+
+
 def wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout: float = 10.0) -> bytes:
     """Read the process's stdout until a line contains ``needle``; fail when it exits first."""
     assert proc.stdout is not None
@@ -35,9 +39,13 @@ def wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout: float =
     seen: list[bytes] = []
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = _unread.pop(proc.pid, b"")
     try:
-        buf = b""
         while True:
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if needle in line:
+                    return line
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {needle!r} within {timeout}s; output: {b''.join(seen)!r}")
@@ -49,11 +57,8 @@ def wait_for_line(proc: subprocess.Popen[bytes], needle: bytes, timeout: float =
                                    f"output: {b''.join(seen)!r}")
             seen.append(chunk)
             buf += chunk
-            while b"\n" in buf:
-                line, buf = buf.split(b"\n", 1)
-                if needle in line:
-                    return line
     finally:
+        _unread[proc.pid] = buf
         sel.close()
 
 
@@ -61,6 +66,7 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: floa
     try:
         _stop(proc, sig, timeout)
     finally:
+        _unread.pop(proc.pid, None)
         if proc.stdout is not None:
             proc.stdout.close()
 

@@ -32,10 +32,16 @@ def call(method: str, url: str, headers: dict[str, str] | None = None,
                                           **({"Content-Type": "application/json"} if data else {})})
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
-            raw = resp.read()
-            return resp.status, dict(resp.headers), json.loads(raw) if raw else None
+            return resp.status, dict(resp.headers), _parse(resp.read())
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read() or b"null")
+        return e.code, dict(e.headers), _parse(e.read())
+
+
+def _parse(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return raw.decode()
 
 
 @pytest.fixture
