@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench conformance soak clean
+.PHONY: setup run test lint bench bench-purge conformance soak clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ lint: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+bench-purge: setup
+	$(BIN)/python -m bench.purge
 
 # The http-cache-tests suite (cache-tests.fyi), installed from npm into .cache/; needs node.
 conformance: setup

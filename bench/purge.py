@@ -1,0 +1,124 @@
+"""``make bench-purge``: the cost of purging one tag as unrelated entries grow 1k -> 1M.
+
+Fills a private redis-server through the proxy's own Store (the real save script, with the
+real tag indexes: ~all, the route, path prefixes, a URL tag and a group tag per entry), then
+for each size stores 100 entries under one tag and times purging that tag, several rounds.
+The ratio against the smallest size should stay near 1: a purge costs what it deletes, not
+the size of the keyspace. For contrast, each size also times the seed's way, a pattern SCAN
+over the keyspace (only finding the keys, not deleting them).
+BENCH_PURGE_MAX (1000000) and BENCH_PURGE_ROUNDS (15) tune it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from proxy import keys
+from proxy.config import RedisConfig
+from proxy.entry import Entry
+from proxy.store import Store
+from tests.procs import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+VICTIMS = 100
+BATCH = 2000
+
+
+def _entry(i: int, tags: tuple[str, ...]) -> Entry:
+    return Entry(status=200, headers=(("Content-Type", "application/json"),), body=b'{"n": %d}' % i,
+                 request_time=0.0, response_time=time.time(), initial_age=0.0, lifetime=3600.0,
+                 stale_while_revalidate=0.0, stale_if_error=0.0, no_cache=False,
+                 forbid_stale=False, url=f"/bench/{i}", route="bench", tags=tags)
+
+
+def _tags(i: int, extra: str | None = None) -> tuple[str, ...]:
+    base = (keys.url_tag(f"/bench/{i}", ""), "~route:bench", "~path:/bench",
+            f"~path:/bench/{i}", f"group:{i % 1000}")
+    return (*base, extra) if extra else base
+
+
+async def _fill(store: Store, start: int, stop: int) -> None:
+    """Store entries start..stop-1, pipelined (the same script the proxy runs per fill)."""
+    for lo in range(start, stop, BATCH):
+        pipe = store.redis.pipeline(transaction=False)
+        for i in range(lo, min(lo + BATCH, stop)):
+            tags = _tags(i)
+            entry = _entry(i, tags)
+            all_tags = ["~all", *tags]
+            k = [store.entry_key(f"b{i}"), store.entry_key(f"b{i}")]
+            k += [store.tag_key(t) for t in all_tags] + [store.tombstone_key(t) for t in all_tags]
+            await store._save(keys=k, args=[entry.meta_bytes(), entry.body, 3_600_000, 0,
+                                            len(all_tags), "", store.prefix], client=pipe)
+        await pipe.execute()
+
+
+async def _round(store: Store, round_no: int) -> float:
+    tag = f"victim-{round_no}"
+    for v in range(VICTIMS):
+        i = 10_000_000 + round_no * VICTIMS + v
+        tags = _tags(i, tag)
+        ok = await store.save(store.entry_key(f"v{i}"), None, (), _entry(i, tags), 3600.0,
+                              tags, 0)
+        assert ok
+    started = time.perf_counter()
+    deleted = await store.purge_tags([tag], tombstone_ttl_ms=600_000)
+    elapsed = time.perf_counter() - started
+    assert deleted == VICTIMS, deleted
+    return elapsed
+
+
+async def _scan_once(store: Store) -> float:
+    started = time.perf_counter()
+    cursor = 0
+    while True:
+        cursor, _ = await store.redis.scan(cursor, match="*victim-seed*", count=1000)
+        if cursor == 0:
+            return time.perf_counter() - started
+
+
+async def main() -> int:
+    top = int(os.environ.get("BENCH_PURGE_MAX", "1000000"))
+    rounds = int(os.environ.get("BENCH_PURGE_ROUNDS", "15"))
+    sizes = [s for s in (1_000, 10_000, 100_000, 1_000_000) if s <= top]
+    server = RedisServer().start()
+    store = Store(RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000))
+    results: list[dict[str, float]] = []
+    try:
+        have = 0
+        print(f"purging one tag of {VICTIMS} entries, {rounds} rounds per size\n")
+        print(f"{'unrelated entries':>18} {'median':>10} {'p90':>10} {'vs 1k':>8} "
+              f"{'seed SCAN':>11}  fill time")
+        for size in sizes:
+            t0 = time.perf_counter()
+            await _fill(store, have, size)
+            have = size
+            fill_s = time.perf_counter() - t0
+            times = sorted([await _round(store, r + size) for r in range(rounds)])
+            median = statistics.median(times) * 1000
+            p90 = times[int(0.9 * (len(times) - 1))] * 1000
+            base = results[0]["median_ms"] if results else median
+            scan_ms = await _scan_once(store) * 1000
+            results.append({"unrelated": size, "median_ms": median, "p90_ms": p90,
+                            "ratio": median / base, "seed_scan_ms": scan_ms})
+            print(f"{size:>18,} {median:>8.2f}ms {p90:>8.2f}ms {median / base:>7.2f}x "
+                  f"{scan_ms:>9.1f}ms  {fill_s:.1f} s")
+        info = await store.redis.info("memory")
+        print(f"\nRedis used_memory at the end: {int(info['used_memory']) / 2**20:.0f} MiB")
+        out = ROOT / "bench" / "results"
+        out.mkdir(exist_ok=True)
+        (out / "purge.json").write_text(json.dumps(results, indent=2))
+        print(f"written to {out / 'purge.json'}")
+    finally:
+        await store.close()
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
