@@ -23,9 +23,10 @@ run: setup
 		echo "note: redis-server is not installed; make run uses \$$REDIS_CACHE_URL or redis://localhost:6379/1 if one answers"
 	$(BIN)/python scripts/devstack.py
 
+# System packages (redis-server, chromium, promtool) are installed when missing.
 test: setup
-	@command -v redis-server >/dev/null || { echo "the tests need redis-server: sudo apt-get install redis-server (or run .ci/run)"; exit 1; }
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	scripts/system-deps.sh
+	PATH="$(CURDIR)/.cache/prometheus/usr/bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -30,12 +30,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="YAML configuration file (default: $PROXY_CONFIG or config.yaml)")
     parser.add_argument("--host", help="address to listen on (overrides server.host)")
     parser.add_argument("--port", type=int, help="port to listen on; 0 picks a free one")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("PROXY_WORKERS", "1")),
+                        help="worker processes sharing the port (SO_REUSEPORT); default 1")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--check-config", action="store_true",
                         help="validate the configuration and exit")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective configuration (secrets redacted) and exit")
+    parser.add_argument("--print-schema", action="store_true",
+                        help="print the JSON Schema of the configuration file and exit")
     parser.add_argument("--version", action="version", version=f"jsoncache {__version__}")
     args = parser.parse_args(argv)
+    if args.print_schema:
+        from .schema import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     try:
         config = load_config(args.config)
     except ConfigError as e:
@@ -51,25 +61,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     host = args.host or config.server.host
     port = config.server.port if args.port is None else args.port
     logsetup.setup(config.log)
-    _run(config, host, port)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1:
+        if config.admin.port is not None:
+            print("config error: admin.port cannot be used with --workers (use the proxy "
+                  "port for admin routes)", file=sys.stderr)
+            return 2
+        from .workers import supervise
+
+        return supervise(args.workers, host, port, ["--config", args.config])
+    _run(config, host, port, args.reuse_port)
     return 0
 
 
-def _run(config: Config, host: str, port: int) -> None:
+def _run(config: Config, host: str, port: int, reuse_port: bool) -> None:
     try:
         import uvloop  # optional: a faster event loop when installed (pip install .[speed])
     except ImportError:
-        asyncio.run(_serve(config, host, port))
+        asyncio.run(_serve(config, host, port, reuse_port))
     else:
-        uvloop.run(_serve(config, host, port))
+        uvloop.run(_serve(config, host, port, reuse_port))
 
 
-async def _serve(config: Config, host: str, port: int) -> None:
+async def _serve(config: Config, host: str, port: int, reuse_port: bool) -> None:
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=False)
+    site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
     admin_runner = None

@@ -8,16 +8,19 @@ little role. Health (and /metrics) may be left open for probes and scrapers.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import keys, policy
 from .config import AdminToken, Config, Role
@@ -34,6 +37,7 @@ log = get_logger("admin")
 
 _RANK: dict[Role, int] = {"read": 0, "purge": 1, "superuser": 2}
 MAX_PAGE = 500
+REDIS_GAUGES_MAX_AGE_S = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -56,14 +60,25 @@ class Admin:
         self.metrics = metrics
         self.instance = instance
         self.tokens = config.admin.tokens
+        self._gauges_read_at = -REDIS_GAUGES_MAX_AGE_S
 
     # -- auth ------------------------------------------------------------------------------------
 
     def _token(self, request: web.Request) -> AdminToken | None:
+        """The token presented as ``Bearer <token>``, or as the password of HTTP Basic
+        (what a browser sends after its login prompt, for the dashboard)."""
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
+        presented = presented.strip()
+        if scheme.lower() == "basic":
+            try:
+                presented = base64.b64decode(presented, validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                return None
+        elif scheme.lower() != "bearer":
             return None
-        given = presented.strip().encode()
+        if not presented:
+            return None
+        given = presented.encode()
         found = None
         for token in self.tokens:  # no early exit: the time taken does not tell which matched
             if hmac.compare_digest(token.value.encode(), given):
@@ -77,7 +92,8 @@ class Admin:
                 token = self._token(request)
                 if token is None:
                     refused = _error(401, "unauthorized", "an admin Bearer token is required")
-                    refused.headers["WWW-Authenticate"] = 'Bearer realm="jsoncache-admin"'
+                    refused.headers["WWW-Authenticate"] = \
+                        'Bearer realm="jsoncache-admin", Basic realm="jsoncache-admin"'
                     return refused
                 if _RANK[token.role] < _RANK[role]:
                     log.warning("admin action refused", action=action, token=token.name,
@@ -107,9 +123,17 @@ class Admin:
             "circuit": self.store.breaker.state.value},
             "pending_invalidations": len(self.flow.pending)})
 
+    async def live(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers. Redis trouble does not fail it (the proxy passes
+        through then); /health is the readiness and alerting view."""
+        return _json({"status": "alive", "instance": self.instance})
+
     async def stats(self, request: web.Request) -> web.Response:
-        out: dict[str, Any] = {"instance": {"id": self.instance,
-                                            **summarize(self.flow.stats.counts)}}
+        stats = self.flow.stats
+        out: dict[str, Any] = {"instance": {"id": self.instance, "pid": os.getpid(),
+                                            **summarize(stats.counts),
+                                            "top_keys": stats.top_keys(),
+                                            "history": list(stats.history)}}
         try:
             shared, instances = await self.store.read_stats()
             out["cluster"] = {"instances": instances, **summarize(shared)}
@@ -290,13 +314,43 @@ class Admin:
                    size=len(stored.body))
         return _json(out)
 
+    async def dashboard(self, request: web.Request) -> web.Response:
+        return web.Response(text=_DASHBOARD, content_type="text/html", headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'self'; style-src 'unsafe-inline'; "
+                                       "script-src 'unsafe-inline'; img-src 'self' data:"})
+
     async def prometheus(self, request: web.Request) -> web.Response:
         self.metrics.breaker_state.set({"closed": 0, "half-open": 1, "open": 2}[
             self.store.breaker.state.value])
         self.metrics.pending_invalidations.set(len(self.flow.pending))
-        return web.Response(body=generate_latest(self.metrics.registry),
+        await self._refresh_redis_gauges()
+        return web.Response(body=self.metrics.exposition(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST,
                                      "Cache-Control": "no-store"})
+
+    async def _refresh_redis_gauges(self) -> None:
+        """Redis memory and entry counts for /metrics, read at most every few seconds so
+        that frequent scrapes stay cheap (a ZCOUNT per route, never KEYS or SCAN)."""
+        now = time.monotonic()
+        if now - self._gauges_read_at < REDIS_GAUGES_MAX_AGE_S:
+            return
+        self._gauges_read_at = now
+        g = self.metrics.redis_gauges
+        try:
+            mem = await self.store.memory()
+            routes = [r.name for r in self.cfg.routes]
+            counts = await self.store.count_tagged([ALL_TAG, *("~route:" + r for r in routes)])
+        except StoreUnavailable:
+            g.reachable = False
+            return
+        g.reachable = True
+        g.used_memory, g.maxmemory = mem["used_memory"], mem["maxmemory"]
+        g.entries = counts[0]
+        g.entries_by_route = dict(zip(routes, counts[1:], strict=True))
+
+
+_DASHBOARD = resources.files("proxy").joinpath("static/dashboard.html").read_text("utf-8")
 
 
 def _shown(entry: Entry) -> list[str]:
@@ -327,6 +381,7 @@ def register(app: web.Application, config: Config, flow: Flow, store: Store,
     g = admin.guard
     health_role: Role | None = None if config.admin.open_health else "read"
     app.router.add_get(p + "/health", g(health_role, "health", admin.health))
+    app.router.add_get(p + "/health/live", g(None, "health", admin.live))
     app.router.add_get(p + "/stats", g("read", "stats", admin.stats))
     app.router.add_get(p + "/keys", g("read", "keys", admin.list_keys))
     app.router.add_get(p + "/explain", g("read", "explain", admin.explain))
@@ -334,6 +389,7 @@ def register(app: web.Application, config: Config, flow: Flow, store: Store,
     app.router.add_delete(p + "/session/{id}", g("purge", "purge-session", admin.purge_session))
     app.router.add_delete(p + "/tags/{tag}", g("purge", "purge-tag", admin.purge_tag))
     app.router.add_post(p + "/purge", g("purge", "purge", admin.purge))
+    app.router.add_get(p + "/dashboard", g("read", "dashboard", admin.dashboard))
     metrics_role: Role | None = None if config.admin.open_metrics else "read"
     app.router.add_get("/metrics", g(metrics_role, "metrics", admin.prometheus))
     return admin

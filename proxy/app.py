@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -119,6 +120,7 @@ async def _stats_loop(flow: Flow, store: Store, instance: str) -> None:
 
 
 async def _push_stats(flow: Flow, store: Store, instance: str) -> None:
+    flow.stats.sample(time.time())
     deltas = flow.stats.take_unpushed()
     try:
         await store.push_stats(deltas, instance)

@@ -153,7 +153,7 @@ class Flow:
         self.metrics.requests.labels(ctx.route, ctx.method if ctx.method in _METHODS else "other",
                                      outcome).inc()
         self.metrics.request_seconds.labels(outcome).observe(elapsed)
-        self.stats.request(ctx.route, ctx.status.outcome)
+        self.stats.request(ctx.route, ctx.status.outcome, ctx.path_qs)
         if ctx.served_bytes:
             self.metrics.served_bytes.inc(ctx.served_bytes)
         fields: dict[str, Any] = {

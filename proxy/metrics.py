@@ -1,9 +1,21 @@
 """Prometheus objects. Every label value comes from a closed vocabulary (route names from the
-config, outcome words, error kinds), so cardinality stays bounded."""
+config, outcome words, error kinds, operation names), so cardinality stays bounded.
+
+With several worker processes (``--workers``), ``PROMETHEUS_MULTIPROC_DIR`` is set before
+this module is imported: each worker writes its samples to files there and ``/metrics``
+merges them (counters and histograms summed, gauges per their mode).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from . import __version__
 
@@ -12,16 +24,54 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0
 _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+@dataclass
+class RedisGauges:
+    """Values read from Redis at scrape time (cached briefly by the caller)."""
+
+    reachable: bool = False
+    used_memory: int = 0
+    maxmemory: int = 0
+    entries: int = 0
+    entries_by_route: dict[str, int] = field(default_factory=dict)
+
+
+class _RedisCollector(Collector):
+    def __init__(self, source: RedisGauges) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        g = self.source
+        yield GaugeMetricFamily("jsoncache_redis_up",
+                                "1 when the last scrape could read Redis.", value=int(g.reachable))
+        yield GaugeMetricFamily("jsoncache_redis_used_memory_bytes",
+                                "Redis used_memory.", value=g.used_memory)
+        yield GaugeMetricFamily("jsoncache_redis_maxmemory_bytes",
+                                "Redis maxmemory (0: no limit).", value=g.maxmemory)
+        per_route = GaugeMetricFamily("jsoncache_cache_entries",
+                                      "Live entries of this proxy, by route ('' for all).",
+                                      labels=["route"])
+        per_route.add_metric([""], g.entries)
+        for route, n in sorted(g.entries_by_route.items()):
+            per_route.add_metric([route], n)
+        yield per_route
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
+        self.redis_gauges = RedisGauges()
+        self._redis_collector = _RedisCollector(self.redis_gauges)
         self.requests = Counter(
             "jsoncache_requests_total", "Client requests by route, method and cache outcome.",
             ["route", "method", "outcome"], registry=r)
         self.request_seconds = Histogram(
             "jsoncache_request_duration_seconds",
-            "Time from request to the last byte of the response, by cache outcome.",
+            "Time from request to the response leaving the proxy, by cache outcome.",
             ["outcome"], buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_seconds = Histogram(
             "jsoncache_upstream_duration_seconds",
@@ -30,8 +80,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "jsoncache_upstream_errors_total", "Upstream failures by kind.", ["kind"], registry=r)
         self.redis_seconds = Histogram(
-            "jsoncache_redis_operation_duration_seconds", "Redis operations by operation.",
-            ["op"], buckets=_REDIS_BUCKETS, registry=r)
+            "jsoncache_redis_operation_duration_seconds",
+            "Successful Redis operations by operation.", ["op"], buckets=_REDIS_BUCKETS,
+            registry=r)
         self.redis_errors = Counter(
             "jsoncache_redis_errors_total", "Redis operation failures by operation and kind.",
             ["op", "kind"], registry=r)
@@ -40,7 +91,7 @@ class Metrics:
             ["route"], registry=r)
         self.invalidated = Counter(
             "jsoncache_entries_invalidated_total",
-            "Entries deleted or marked stale, by reason (write, purge, corrupt).",
+            "Entries deleted or marked stale, by reason (write, purge, soft-purge, flush).",
             ["reason"], registry=r)
         self.served_bytes = Counter(
             "jsoncache_served_from_cache_bytes_total", "Body bytes served from the cache.",
@@ -48,21 +99,41 @@ class Metrics:
         self.coalesced = Counter(
             "jsoncache_coalesced_requests_total",
             "Requests answered by another request's upstream fetch.", registry=r)
-        self.pending_invalidations = Gauge(
-            "jsoncache_pending_invalidations",
-            "Invalidations waiting for Redis to come back (entries carrying them are bypassed).",
-            registry=r)
-        self.breaker_state = Gauge(
-            "jsoncache_redis_circuit_state",
-            "Circuit breaker in front of Redis: 0 closed, 1 half-open, 2 open.", registry=r)
         self.rejected = Counter(
             "jsoncache_rejected_requests_total",
             "Requests refused before reaching the upstream, by reason.", ["reason"], registry=r)
-        self.build = Info("jsoncache_build", "Version of the proxy.", registry=r)
-        self.build.info({"version": __version__})
+        self.pending_invalidations = Gauge(
+            "jsoncache_pending_invalidations",
+            "Invalidations waiting for Redis (entries they cover are bypassed meanwhile).",
+            registry=r, multiprocess_mode="livesum")
+        self.breaker_state = Gauge(
+            "jsoncache_redis_circuit_state",
+            "Circuit breaker in front of Redis: 0 closed, 1 half-open, 2 open (worst worker).",
+            registry=r, multiprocess_mode="livemax")
+        self.build = Gauge("jsoncache_build_info", "Version of the proxy (always 1).",
+                           ["version"], registry=r, multiprocess_mode="max")
+        self.build.labels(__version__).set(1)
+        if multiprocess_dir() is None:
+            r.register(self._redis_collector)
 
     def redis_op(self, op: str, seconds: float, error: str | None) -> None:
         if error is None:
             self.redis_seconds.labels(op).observe(seconds)
         else:
             self.redis_errors.labels(op, error).inc()
+
+    def exposition(self) -> bytes:
+        """The text format for a scrape: this process's registry, or, with several workers,
+        every worker's samples merged."""
+        mp_dir = multiprocess_dir()
+        if mp_dir is None:
+            return generate_latest(self.registry)
+        scrape = CollectorRegistry()
+        prom_multiprocess.MultiProcessCollector(scrape, path=mp_dir)  # type: ignore[no-untyped-call]
+        scrape.register(self._redis_collector)
+        return generate_latest(scrape)
+
+
+def mark_dead(pid: int, path: str) -> None:
+    """A worker exited: drop its live gauges from the merged view."""
+    prom_multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]

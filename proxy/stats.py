@@ -7,7 +7,7 @@ Pure except for the counters themselves.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,17 +19,36 @@ HIT_OUTCOMES = frozenset({Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED, Outco
 MISS_OUTCOMES = frozenset({Outcome.MISS, Outcome.UNCACHEABLE, Outcome.BYPASS})
 
 
+TOP_KEYS_KEPT = 1000
+HISTORY_SAMPLES = 720  # one per push: twelve minutes at the default interval
+
+
 class Stats:
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
         self._unpushed: Counter[str] = Counter()
+        self.top: Counter[tuple[str, str]] = Counter()  # (route, url) -> hits served
+        # (unix time, hits, misses, requests) so far, sampled over time for charts
+        self.history: deque[tuple[float, int, int, int]] = deque(maxlen=HISTORY_SAMPLES)
 
     def _add(self, field: str, n: int = 1) -> None:
         self.counts[field] += n
         self._unpushed[field] += n
 
-    def request(self, route: str, outcome: Outcome) -> None:
+    def request(self, route: str, outcome: Outcome, url: str = "") -> None:
         self._add(f"req|{route}|{outcome.value}")
+        if outcome in HIT_OUTCOMES and url:
+            self.top[(route, url)] += 1
+            if len(self.top) > 2 * TOP_KEYS_KEPT:  # bounded: keep the most hit half
+                self.top = Counter(dict(self.top.most_common(TOP_KEYS_KEPT)))
+
+    def top_keys(self, n: int = 20) -> list[dict[str, Any]]:
+        return [{"route": r, "url": u, "hits": c} for (r, u), c in self.top.most_common(n)]
+
+    def sample(self, now: float) -> None:
+        totals = summarize(self.counts)
+        self.history.append((round(now, 3), totals["hits"], totals["misses"],
+                             totals["requests"]))
 
     def stored(self, route: str) -> None:
         self._add(f"set|{route}")

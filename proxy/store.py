@@ -34,12 +34,14 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .breaker import Breaker
+from .breaker import Breaker, State
 from .config import RedisConfig
 from .entry import Entry, HitForMiss, Stored, VaryMarker, decode
 from .errors import EntryCorrupt, StoreUnavailable
+from .log import get as get_logger
 
 T = TypeVar("T")
+log = get_logger("store")
 
 ALL_TAG = "~all"
 STATS_TTL_MS = 30 * 86400 * 1000  # shared counters outlive any instance, not forever
@@ -142,13 +144,20 @@ local done = 0
 for i = 1, #KEYS, 2 do
   local index, stone = KEYS[i], KEYS[i + 1]
   if stone ~= index and offset == 0 then
-    redis.call('SET', stone, now, 'PX', ARGV[2])
+    -- pcall: a Redis out of memory refuses the tombstone, but still lets the purge delete
+    -- (and refuses the racing fill's write as well).
+    redis.pcall('SET', stone, now, 'PX', ARGV[2])
   end
   local members = redis.call('ZRANGE', index, offset, offset + budget - 1)
   if soft then
     for _, m in ipairs(members) do
       if redis.call('HEXISTS', m, 'm') == 1 then
-        redis.call('HSET', m, 'p', now)
+        local marked = redis.pcall('HSET', m, 'p', now)
+        if type(marked) == 'table' and marked.err then
+          -- out of memory: delete rather than leave it fresh (its index records stay until
+          -- they expire, so that this walk's offsets stay right)
+          redis.call('DEL', m)
+        end
         count = count + 1
       end
     end
@@ -284,13 +293,19 @@ class Store:
         except rex.RedisError:
             kind = "error"
         else:
+            if self.breaker.state is not State.CLOSED:
+                log.info("redis is back: caching resumes", op=op)
             self.breaker.success()
             self._observe(op, time.perf_counter() - started, None)
             return result
         if kind in ("oom", "response"):
             self.breaker.success()  # Redis answered: it is up, only this command failed
         elif trips and kind != "pool":  # a local pool shortage says nothing about Redis
+            was_open = self.breaker.state is State.OPEN
             self.breaker.failure(self._clock())
+            if self.breaker.state is State.OPEN and not was_open:
+                log.warning("redis unavailable: requests bypass the cache", kind=kind, op=op,
+                            retry_after_s=self.breaker.reset_s)
         self._observe(op, time.perf_counter() - started, kind)
         raise StoreUnavailable(kind)
 
