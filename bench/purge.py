@@ -43,8 +43,15 @@ def _tags(i: int, extra: str | None = None) -> tuple[str, ...]:
     return (*base, extra) if extra else base
 
 
+async def _epoch(store: Store) -> int:
+    seconds, micros = await store.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 async def _fill(store: Store, start: int, stop: int) -> None:
     """Store entries start..stop-1, pipelined (the same script the proxy runs per fill)."""
+    epoch = await _epoch(store)
+    await store.mark_boot(0)
     for lo in range(start, stop, BATCH):
         pipe = store.redis.pipeline(transaction=False)
         for i in range(lo, min(lo + BATCH, stop)):
@@ -53,7 +60,7 @@ async def _fill(store: Store, start: int, stop: int) -> None:
             all_tags = ["~all", *tags]
             k = [store.entry_key(f"b{i}"), store.entry_key(f"b{i}")]
             k += [store.tag_key(t) for t in all_tags] + [store.tombstone_key(t) for t in all_tags]
-            await store._save(keys=k, args=[entry.meta_bytes(), entry.body, 3_600_000, 0,
+            await store._save(keys=k, args=[entry.meta_bytes(), entry.body, 3_600_000, epoch,
                                             len(all_tags), "", store.prefix], client=pipe)
         await pipe.execute()
 
@@ -64,7 +71,7 @@ async def _round(store: Store, round_no: int) -> float:
         i = 10_000_000 + round_no * VICTIMS + v
         tags = _tags(i, tag)
         ok = await store.save(store.entry_key(f"v{i}"), None, (), _entry(i, tags), 3600.0,
-                              tags, 0)
+                              tags, await _epoch(store))
         assert ok
     started = time.perf_counter()
     deleted = await store.purge_tags([tag], tombstone_ttl_ms=600_000)

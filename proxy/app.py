@@ -44,10 +44,15 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app = web.Application(handler_args={
         "max_field_size": config.server.max_header_bytes,
         "max_line_size": config.server.max_header_bytes,
+        # aiohttp closes a connection that has not completed a request's header section
+        # within this time (also between keep-alive requests): slow clients cannot hold
+        # connections open forever.
+        "keepalive_timeout": config.server.client_timeout_s,
     })
     metrics = metrics or Metrics()
     store = Store(config.redis, observer=metrics.redis_op)
-    upstream = Upstream(config.upstream, via=f"1.1 {config.cache.status_name}")
+    upstream = Upstream(config.upstream, via=f"1.1 {config.cache.status_name}",
+                        strip=config.server.strip_request_headers)
     coalescer = Coalescer(store, wait_s=config.cache.coalesce_wait_ms / 1000,
                           lock_ms=config.cache.coalesce_lock_ms)
     flow = Flow(config, store, upstream, metrics, coalescer)

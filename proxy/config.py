@@ -33,15 +33,26 @@ Role = Literal["read", "purge", "superuser"]
 ROLES: tuple[Role, ...] = ("read", "purge", "superuser")
 
 
+# Request headers that could change what the upstream answers without being part of the
+# cache key: never forwarded (the proxy sets the X-Forwarded-* family and Via itself).
+DEFAULT_STRIPPED_HEADERS = (
+    "x-original-url", "x-rewrite-url", "x-http-method-override", "x-http-method",
+    "x-method-override", "x-forwarded-server", "x-forwarded-port", "x-forwarded-prefix",
+    "x-forwarded-scheme", "x-forwarded-ssl", "x-host", "x-original-host", "x-real-ip",
+    "x-client-ip", "true-client-ip",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
-    # Bounds on what a client may send (issue: hostile input); 413/431/408 beyond them.
+    # Bounds on what a client may send: 413 / 431 / 408 beyond them.
     max_request_body_bytes: int = 10 * 1024 * 1024
     max_header_bytes: int = 8190
     client_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
+    strip_request_headers: tuple[str, ...] = DEFAULT_STRIPPED_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +61,7 @@ class UpstreamConfig:
     timeout_s: float = 10.0
     connect_timeout_s: float = 2.0
     max_connections: int = 100
+    queue_timeout_s: float = 5.0  # waiting for a free upstream connection; then 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +95,7 @@ class CacheConfig:
     coalesce_lock_ms: int = 15000
     max_entry_ttl_s: int = 7 * 86400
     keep_surrogate_headers: bool = False
+    invalidation_wait_ms: int = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,9 +405,22 @@ def _server(r: _Reader) -> ServerConfig:
         max_header_bytes=r.integer("max_header_bytes", d.max_header_bytes, 1024, 1 << 20),
         client_timeout_s=r.number("client_timeout_s", d.client_timeout_s, 0, exclusive_lo=True),
         shutdown_timeout_s=r.number("shutdown_timeout_s", d.shutdown_timeout_s, 0),
+        strip_request_headers=_header_names(r, "strip_request_headers",
+                                            d.strip_request_headers),
     )
     r.done()
     return out
+
+
+def _header_names(r: _Reader, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not r.has(name):
+        r.items(name)
+        return default
+    raw = r.items(name)
+    for v in raw:
+        if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9-]+", v):
+            raise r._err(name, raw, "must list header names")
+    return tuple(v.lower() for v in raw)
 
 
 def _upstream(r: _Reader) -> UpstreamConfig:
@@ -410,6 +436,7 @@ def _upstream(r: _Reader) -> UpstreamConfig:
         timeout_s=r.number("timeout_s", d.timeout_s, 0, exclusive_lo=True),
         connect_timeout_s=r.number("connect_timeout_s", d.connect_timeout_s, 0, exclusive_lo=True),
         max_connections=r.integer("max_connections", d.max_connections, 1),
+        queue_timeout_s=r.number("queue_timeout_s", d.queue_timeout_s, 0, exclusive_lo=True),
     )
     r.done()
     return out
@@ -467,6 +494,8 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         coalesce_lock_ms=r.integer("coalesce_lock_ms", d.coalesce_lock_ms, 100),
         max_entry_ttl_s=r.integer("max_entry_ttl_s", d.max_entry_ttl_s, 1),
         keep_surrogate_headers=r.flag("keep_surrogate_headers", d.keep_surrogate_headers),
+        invalidation_wait_ms=r.integer("invalidation_wait_ms", d.invalidation_wait_ms, 0,
+                                       60_000),
     )
     r.done()
     return out

@@ -60,6 +60,13 @@ class UpstreamUnavailable(UpstreamError):
     kind = "unavailable"
 
 
+class UpstreamBusy(UpstreamError):
+    """Every upstream connection the proxy may open is in use and none freed up in time."""
+
+    status = 503
+    kind = "busy"
+
+
 class UpstreamBroken(UpstreamError):
     """The upstream reset the connection or sent something that is not HTTP."""
 

@@ -144,6 +144,12 @@ class Flow:
             ctx.status = Status(Outcome.PASS, "rejected")
             self.metrics.rejected.labels(e.reason).inc()
             return self._json_error(ctx, e.status, e.reason, str(e))
+        except Exception:
+            # A bug, not a failure of Redis or the upstream (those are handled where they
+            # happen): log it with its traceback, answer briefly, never show it.
+            log.exception("request failed", request_id=ctx.rid)
+            ctx.status = Status(Outcome.ERROR, "internal")
+            return self._json_error(ctx, 500, "internal_error", "the proxy failed")
         finally:
             self._finish(ctx)
 
@@ -643,13 +649,27 @@ class Flow:
         they cover until they are replayed). Returns a detail word for the response."""
         assert self.store is not None
         at = time.time()
-        try:
-            total = await self.store.purge_tags(tags, soft=soft,
-                                                tombstone_ttl_ms=self.tombstone_ttl_ms)
-        except StoreUnavailable:
-            total, failed = 0, tags
-        else:
-            failed = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.cache.invalidation_wait_ms / 1000
+        attempt = 0
+        while True:
+            try:
+                # Past the first attempt, try even with the breaker open: a write's
+                # invalidation is worth waiting for (up to invalidation_wait_ms) so that no
+                # instance serves what the write made stale.
+                total = await self.store.purge_tags(tags, soft=soft,
+                                                    tombstone_ttl_ms=self.tombstone_ttl_ms,
+                                                    force=attempt > 0)
+            except StoreUnavailable:
+                attempt += 1
+                pause = min(0.05 * 2 ** attempt, 0.4)
+                if loop.time() + pause >= deadline:
+                    total, failed = 0, tags
+                    break
+                await asyncio.sleep(pause)
+            else:
+                failed = []
+                break
         if total:
             self.metrics.invalidated.labels(reason).inc(total)
             self.stats.deleted(total)
@@ -692,19 +712,10 @@ class Flow:
         limit = self.cfg.server.max_request_body_bytes
         if req.content_length is not None and req.content_length > limit:
             raise BadRequest(413, "request-too-large")
-        return LimitedBody(req, limit)
+        return LimitedBody(req, limit, self.cfg.server.client_timeout_s)
 
     async def _read_request_body(self, req: web.Request) -> bytes:
-        limit = self.cfg.server.max_request_body_bytes
-        if req.content_length is not None and req.content_length > limit:
-            raise BadRequest(413, "request-too-large")
-        parts, size = [], 0
-        async for chunk in req.content.iter_chunked(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise BadRequest(413, "request-too-large")
-            parts.append(chunk)
-        return b"".join(parts)
+        return b"".join([chunk async for chunk in self._request_body(req)])
 
     def _template_ctx(self, req: web.Request, params: Mapping[str, str], user: str | None,
                       request_json: Any = None, response_json: Any = None) -> TemplateContext:
@@ -856,24 +867,37 @@ def _parse_json(raw: bytes) -> Any:
 
 
 class LimitedBody:
-    """A request body streamed upstream, cut off past the configured limit. The upstream
-    request then fails; ``_check_body`` turns that failure into the client's 413."""
+    """A request body streamed upstream, cut off past the size limit or when the client
+    stalls longer than the read timeout. The upstream request then fails; ``_check_body``
+    turns that failure into the client's 413 or 408."""
 
-    def __init__(self, req: web.Request, limit: int) -> None:
+    def __init__(self, req: web.Request, limit: int, timeout_s: float) -> None:
         self.req = req
         self.limit = limit
-        self.exceeded = False
+        self.timeout_s = timeout_s
+        self.refused: BadRequest | None = None
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         size = 0
-        async for chunk in self.req.content.iter_chunked(64 * 1024):
+        while True:
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    chunk = await self.req.content.readany()
+            except TimeoutError:
+                self.refused = BadRequest(408, "client-timeout")
+                raise self.refused from None
+            if not chunk:
+                return
             size += len(chunk)
             if size > self.limit:
-                self.exceeded = True
-                raise BadRequest(413, "request-too-large")
+                self.refused = BadRequest(413, "request-too-large")
+                raise self.refused
             yield chunk
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks()
 
 
 def _check_body(body: Any) -> None:
-    if isinstance(body, LimitedBody) and body.exceeded:
-        raise BadRequest(413, "request-too-large")
+    if isinstance(body, LimitedBody) and body.refused is not None:
+        raise body.refused

@@ -36,6 +36,8 @@ def _type_of(tp: Any) -> dict[str, Any]:
         if "enum" in inner:
             return {"enum": [*inner["enum"], None]}
         return {**inner, "type": [inner["type"], "null"]} if "type" in inner else inner
+    if origin is tuple:
+        return {"type": "array", "items": _type_of(get_args(tp)[0])}
     if tp is bool:
         return {"type": "boolean"}
     if tp is int:
@@ -63,7 +65,11 @@ def _object(cls: type, overrides: dict[str, Any] | None = None,
         prop = _type_of(hints[f.name])
         if f.default is not dataclasses.MISSING and not dataclasses.is_dataclass(f.default):
             default = f.default
-            prop["default"] = sorted(default) if isinstance(default, frozenset) else default
+            if isinstance(default, frozenset):
+                default = sorted(default)
+            elif isinstance(default, tuple):
+                default = list(default)
+            prop["default"] = default
         props[f.name] = prop
     props.update(extra or {})
     return {"type": "object", "additionalProperties": False, "properties": props}

@@ -10,6 +10,7 @@ the database number plays on a single server):
     {P}:x:<tag>                 tombstone: Redis time (ms) of the tag's last invalidation
     {P}:l:<primary>             coalescing lock
     {P}:stats                   counters shared by every instance
+    {P}:boot                    time of the first lookup since this Redis started (or flushed)
     {P}:fill                    pub/sub channel: "a fill for <primary> finished"
 
 Every key has a TTL. An entry and its index records are written by one script. Index records
@@ -78,6 +79,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[5])
 local epoch = tonumber(ARGV[4])
+-- A fill that looked up before this Redis (re)started may carry data older than a write
+-- acknowledged meanwhile (the restart lost that write's tombstones): refuse it. The boot
+-- marker is set by the first lookup that finds it missing, to that lookup's time.
+local boot = redis.call('GET', ARGV[7] .. 'boot')
+if not boot or epoch < tonumber(boot) then
+  return 0
+end
 for i = 3 + n, 2 + 2 * n do
   local stone = redis.call('GET', KEYS[i])
   if stone and tonumber(stone) >= epoch then
@@ -263,15 +271,21 @@ class Store:
         return self.prefix + "stats"
 
     @property
+    def boot_key(self) -> str:
+        return self.prefix + "boot"
+
+    @property
     def fill_channel(self) -> str:
         return self.prefix + "fill"
 
     # -- the budget and the breaker ------------------------------------------------------------
 
     async def run(self, op: str, fn: Callable[[], Awaitable[T]], *,
-                  budget_s: float | None = None, trips: bool = True) -> T:
-        """Run one Redis operation under the budget and the breaker."""
-        if not self.breaker.allow(self._clock()):
+                  budget_s: float | None = None, trips: bool = True,
+                  force: bool = False) -> T:
+        """Run one Redis operation under the budget and the breaker (``force``: try even
+        when the breaker is open, for invalidations that must not be given up lightly)."""
+        if not force and not self.breaker.allow(self._clock()):
             self._observe(op, 0.0, "circuit-open")
             raise StoreUnavailable("circuit-open")
         started = time.perf_counter()
@@ -326,13 +340,16 @@ class Store:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hgetall(pkey)
             pipe.time()
+            pipe.exists(self.boot_key)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             return results
 
-        fields, now = await self.run("lookup", first)
+        fields, now, booted = await self.run("lookup", first)
         if isinstance(now, Exception):
             raise StoreUnavailable("response", str(now))
         epoch_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        if booted == 0:
+            await self.mark_boot(epoch_ms)
         if isinstance(fields, rex.ResponseError):
             await self._drop_corrupt(pkey)
             return Lookup(pkey, None, epoch_ms)
@@ -346,6 +363,13 @@ class Store:
         if not isinstance(vstored, Entry):
             vstored = None
         return Lookup(vkey, vstored, epoch_ms, stored.names, values)
+
+    async def mark_boot(self, epoch_ms: int) -> None:
+        """First lookup since Redis started empty (or was flushed): fills that looked up
+        before now cannot be trusted to postdate every acknowledged write."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.run("boot", lambda: self.redis.set(self.boot_key, epoch_ms, nx=True,
+                                                          px=STATS_TTL_MS))
 
     async def _decode_or_drop(self, key: str, fields: Any) -> Stored | None:
         try:
@@ -391,7 +415,7 @@ class Store:
         return int(await self.run("delete", lambda: self.redis.unlink(key)))
 
     async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
-                         tombstone_ttl_ms: int = 0) -> int:
+                         tombstone_ttl_ms: int = 0, force: bool = False) -> int:
         """Delete (or, soft, mark stale) every entry carrying one of ``tags``; returns how
         many. With ``tombstone_ttl_ms``, each tag keeps a tombstone for that long, so that a
         fill that started before this purge cannot store what it fetched. Costs what it
@@ -406,7 +430,8 @@ class Store:
             args = [1 if soft else 0, max(tombstone_ttl_ms, 1), PURGE_BATCH, offset,
                     self.prefix]
             count, done, offset = await self.run(
-                "purge", lambda k=pairs, a=args: self._purge(keys=k, args=a))  # type: ignore[misc]
+                "purge", lambda k=pairs, a=args: self._purge(keys=k, args=a),  # type: ignore[misc]
+                force=force)
             total += int(count)
             pairs = pairs[2 * int(done):]
             offset = int(offset)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -15,7 +15,13 @@ import aiohttp
 from yarl import URL
 
 from .config import UpstreamConfig
-from .errors import UpstreamBroken, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .errors import (
+    UpstreamBroken,
+    UpstreamBusy,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from .policy import HOP_BY_HOP, connection_listed
 
 Headers = list[tuple[str, str]]
@@ -37,6 +43,7 @@ class UpstreamResponse:
     request_time: float  # wall clock when the request was sent (RFC 9111 §4.2.3)
     response_time: float  # wall clock when the header section arrived
     _resp: aiohttp.ClientResponse
+    _free_slot: Callable[[], None]
     _released: bool = field(default=False)
 
     @property
@@ -78,21 +85,34 @@ class UpstreamResponse:
         if not self._released:
             self._released = True
             self._resp.release()
+            self._free_slot()
 
     def close(self) -> None:
         """Drop the connection (the body was not read to the end, or it broke)."""
         if not self._released:
             self._released = True
             self._resp.close()
+            self._free_slot()
+
+    def __del__(self) -> None:
+        # A response dropped without release/close (a bug) must not keep its slot forever.
+        if not self._released:
+            self._released = True
+            self._free_slot()
 
 
 class Upstream:
-    def __init__(self, cfg: UpstreamConfig, via: str) -> None:
+    def __init__(self, cfg: UpstreamConfig, via: str,
+                 strip: Sequence[str] = ()) -> None:
         self.cfg = cfg
         self.base = cfg.url
         self.netloc = urlsplit(cfg.url).netloc.lower()
         self.via = via
+        self._drop = HOP_BY_HOP | _REQUEST_DROP | frozenset(h.lower() for h in strip)
         self._session: aiohttp.ClientSession | None = None
+        # One slot per upstream connection; a request that cannot get one within
+        # queue_timeout_s is answered 503 instead of queueing without bound.
+        self._slots = asyncio.Semaphore(cfg.max_connections)
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0,
@@ -119,7 +139,7 @@ class Upstream:
 
     def forward_headers(self, headers: Sequence[tuple[str, str]], *, client_ip: str | None,
                         proto: str, host: str | None) -> Headers:
-        drop = HOP_BY_HOP | connection_listed(headers) | _REQUEST_DROP
+        drop = self._drop | connection_listed(headers)
         out = [(k, v) for k, v in headers if k.lower() not in drop]
         xff = [v for k, v in out if k.lower() == "x-forwarded-for"]
         out = [(k, v) for k, v in out if k.lower() not in ("x-forwarded-for", "via")]
@@ -139,6 +159,11 @@ class Upstream:
         """Send a request; returns once the response header section has arrived."""
         assert self._session is not None, "Upstream.start() was not awaited"
         url = self.base + path_qs
+        try:
+            async with asyncio.timeout(self.cfg.queue_timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamBusy("no free upstream connection") from None
         request_time = time.time()
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
@@ -146,13 +171,14 @@ class Upstream:
                     method, URL(url, encoded=True), headers=headers, data=body,
                     allow_redirects=False, compress=None, chunked=None,
                 )
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
+        except BaseException as e:
+            self._slots.release()
+            if isinstance(e, asyncio.CancelledError):
+                raise
             raise _translate(e) from None
         headers_out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
         return UpstreamResponse(resp.status, resp.reason or "", headers_out, request_time,
-                                time.time(), resp)
+                                time.time(), resp, self._slots.release)
 
 
 def _translate(e: BaseException) -> UpstreamError:
