@@ -693,7 +693,9 @@ class Flow:
             return 0
         snapshot = self.pending.snapshot()
         try:
-            await self.store.purge_tags(list(snapshot), tombstone_ttl_ms=self.tombstone_ttl_ms)
+            # force: past the breaker, so the replay comes as soon as Redis answers again.
+            await self.store.purge_tags(list(snapshot), tombstone_ttl_ms=self.tombstone_ttl_ms,
+                                        force=True)
         except StoreUnavailable:
             return len(self.pending) + (1 if self.pending.floor is not None else 0)
         for tag, at in snapshot.items():

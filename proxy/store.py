@@ -74,7 +74,10 @@ end
 #       [3+2n ..] index keys of the vary marker (its URL tag)
 # ARGV: [1] meta, [2] body, [3] ttl ms, [4] fill epoch ms, [5] n tags, [6] vary names or "",
 #       [7] key prefix
-_SAVE = _UNINDEX + """
+# The shebang (Redis >= 7) makes Redis refuse the whole script up front when memory is full
+# (maxmemory with noeviction); a flagless script would be let through once its first write
+# (a DEL, allowed when out of memory) had run, and grow Redis past its limit.
+_SAVE = "#!lua\n" + _UNINDEX + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[5])
@@ -124,7 +127,7 @@ return 1
 """
 
 # KEYS: [1] primary key; ARGV: [1] reason, [2] ttl ms. Keeps a vary marker (other variants).
-_HIT_FOR_MISS = """
+_HIT_FOR_MISS = """#!lua
 if redis.call('HEXISTS', KEYS[1], 'v') == 1 then
   return 0
 end
@@ -297,13 +300,14 @@ class Store:
             kind = "timeout"
         except rex.ConnectionError as e:
             kind = "pool" if "No connection available" in str(e) else "connection"
+        except rex.OutOfMemoryError:
+            kind = "oom"
         except rex.ResponseError as e:
-            text = str(e)
-            if text.startswith("WRONGTYPE"):
+            if str(e).startswith("WRONGTYPE"):
                 self.breaker.success()
                 self._observe(op, time.perf_counter() - started, "wrongtype")
                 raise EntryCorrupt("wrong type") from None
-            kind = "oom" if text.startswith("OOM") else "response"
+            kind = "response"
         except rex.RedisError:
             kind = "error"
         else:
@@ -351,7 +355,7 @@ class Store:
         if booted == 0:
             await self.mark_boot(epoch_ms)
         if isinstance(fields, rex.ResponseError):
-            await self._drop_corrupt(pkey)
+            await self._drop_corrupt(pkey, "wrongtype")
             return Lookup(pkey, None, epoch_ms)
         stored = await self._decode_or_drop(pkey, fields)
         if not isinstance(stored, VaryMarker):
@@ -378,8 +382,9 @@ class Store:
             await self._drop_corrupt(key)
             return None
 
-    async def _drop_corrupt(self, key: str) -> None:
-        self._observe("corrupt", 0.0, "corrupt")
+    async def _drop_corrupt(self, key: str, kind: str = "corrupt") -> None:
+        """An undecodable value (or not a hash) where an entry belongs: a miss; remove it."""
+        self._observe("lookup", 0.0, kind)
         with contextlib.suppress(StoreUnavailable):
             await self.run("delete", lambda: self.redis.unlink(key))
 

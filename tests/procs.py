@@ -104,7 +104,8 @@ class RedisServer:
             proc = subprocess.Popen(
                 [self.exe, "--port", str(self.port), "--bind", "127.0.0.1",
                  "--save", "", "--appendonly", "no", "--dir", self.dir, "--logfile", "",
-                 "--notify-keyspace-events", "Ex", *self.extra],
+                 "--notify-keyspace-events", "Ex", "--enable-debug-command", "yes",
+                 *self.extra],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             try:
                 wait_for_line(proc, b"Ready to accept connections")

@@ -48,6 +48,7 @@ class Program:
     delay_ms: int = 0
     answer_304: bool = True  # answer If-None-Match / If-Modified-Since with 304 when they match
     close_mid_body: bool = False
+    reflect: list[str] = field(default_factory=list)  # request headers echoed into the body
     count: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
     # Set when a request arrives: in-process tests await it instead of polling.
@@ -317,6 +318,7 @@ async def _program_set(request: web.Request) -> web.Response:
         delay_ms=int(spec.get("delay_ms", 0)),
         answer_304=bool(spec.get("answer_304", True)),
         close_mid_body=bool(spec.get("close_mid_body", False)),
+        reflect=[str(h) for h in spec.get("reflect", [])],
         count=old.count if old else 0,
         received=old.received if old else [],
     )
@@ -362,6 +364,8 @@ async def _programmed(request: web.Request) -> web.StreamResponse:
         await resp304.write_eof()
         return resp304
     body = prog.body.encode()
+    for name in prog.reflect:  # what a careless backend does with forwarded headers
+        body += f"\n{name}: {request.headers.get(name, '')}".encode()
     resp = web.StreamResponse(status=prog.status)
     for k, v in headers:
         resp.headers.add(k, v)
