@@ -296,12 +296,13 @@ class Flow:
             return await self._deliver_fetched(ctx, fetched)
         ticket = await self.coalescer.join(fill.primary)
         if not ticket.leader:
-            shared = await self.coalescer.wait_local(ticket)
-            if isinstance(shared, Entry) and self._shareable(shared, ctx.request):
-                self.metrics.coalesced.inc()
-                age = policy.current_age(shared.initial_age, shared.response_time, time.time())
-                return self._deliver_entry(ctx, shared, age, Status(
-                    Outcome.COALESCED, ttl=shared.lifetime - age))
+            # Wait for the leader; when it stored what it fetched, read that back from Redis
+            # rather than taking the leader's copy: a write may have purged it since (and
+            # this request may have started after that write was acknowledged).
+            stored = await self.coalescer.wait_local(ticket)
+            found = await self._lookup_fresh(fill) if stored is not None else None
+            if found is not None:
+                return self._deliver_coalesced(ctx, found)
             fetched = await self._fetch(fill, stale, validate=validate)
             return await self._deliver_fetched(ctx, fetched)
         result: Entry | None = None
@@ -310,10 +311,7 @@ class Flow:
                 found = await self._wait_for_remote_fill(fill, ticket)
                 if found is not None:
                     result = found
-                    self.metrics.coalesced.inc()
-                    age = policy.current_age(found.initial_age, found.response_time, time.time())
-                    return self._deliver_entry(ctx, found, age, Status(
-                        Outcome.COALESCED, ttl=found.lifetime - age))
+                    return self._deliver_coalesced(ctx, found)
             fetched = await self._fetch(fill, stale, validate=validate)
             if fetched.stored and fetched.entry is not None:
                 result = fetched.entry
@@ -331,34 +329,39 @@ class Flow:
             raise
 
     async def _wait_for_remote_fill(self, fill: Fill, ticket: Ticket) -> Entry | None:
-        assert self.store is not None
         found: list[Entry] = []
-        req = fill.ctx.request
 
         async def recheck() -> bool:
-            try:
-                assert self.store is not None
-                lk = await self.store.lookup(fill.primary, self._value_of(req),
-                                             self._variant(req))
-            except StoreUnavailable:
-                return False
-            e = lk.stored
-            if not isinstance(e, Entry) or \
-                    (self.pending and self.pending.blocks(e.tags, e.request_time)):
-                return False
-            if policy.decide(e.facts(), fill.directives, time.time()).use is Use.FRESH:
-                found.append(e)
-                return True
-            return False
+            entry = await self._lookup_fresh(fill)
+            if entry is not None:
+                found.append(entry)
+            return entry is not None
 
         ok = await self.coalescer.wait_remote(ticket, recheck)
         return found[-1] if ok and found else None
 
-    def _shareable(self, entry: Entry, req: web.Request) -> bool:
-        """A coalesced waiter may take the leader's stored entry when its own request selects
-        the same variant."""
-        value_of = self._value_of(req)
-        return all(value_of(name) == value for name, value in entry.vary)
+    async def _lookup_fresh(self, fill: Fill) -> Entry | None:
+        """The entry this request would be served now, if it is fresh for it: looked up
+        again (variant included) after another request's fill."""
+        assert self.store is not None
+        req = fill.ctx.request
+        try:
+            lk = await self.store.lookup(fill.primary, self._value_of(req), self._variant(req))
+        except StoreUnavailable:
+            return None
+        e = lk.stored
+        if not isinstance(e, Entry) or \
+                (self.pending and self.pending.blocks(e.tags, e.request_time)):
+            return None
+        if policy.decide(e.facts(), fill.directives, time.time()).use is not Use.FRESH:
+            return None
+        return e
+
+    def _deliver_coalesced(self, ctx: Ctx, entry: Entry) -> web.Response:
+        self.metrics.coalesced.inc()
+        age = policy.current_age(entry.initial_age, entry.response_time, time.time())
+        return self._deliver_entry(ctx, entry, age, Status(Outcome.COALESCED,
+                                                           ttl=entry.lifetime - age))
 
     def _upstream_headers(self, req: web.Request, *,
                           strip_conditionals: bool) -> list[tuple[str, str]]:

@@ -138,7 +138,12 @@ def _session_arg(request: web.Request, user: User) -> tuple[list[Session], str |
     return [session], sid
 
 
-def _version(request: web.Request, user: User, sessions: list[Session]) -> int:
+def _version(request: web.Request, user: User, sid: str | None,
+             sessions: list[Session]) -> int:
+    """The version that covers a view: its session's, else the user's (all users' for the
+    superuser)."""
+    if sid is not None:
+        return sessions[0].version
     data = request.app[DATA]
     if user.superuser:
         return sum(u.data_version for u in data.users.values())
@@ -165,7 +170,7 @@ async def _transactions(request: web.Request) -> web.Response:
     start = (page - 1) * page_size
     return _json(request, {
         "session_id": sid, "category": category, "page": page, "page_size": page_size,
-        "total": len(txns), "data_version": _version(request, user, sessions),
+        "total": len(txns), "data_version": _version(request, user, sid, sessions),
         "items": [t.as_json() for t in txns[start:start + page_size]],
     })
 
@@ -182,7 +187,7 @@ async def _summary(request: web.Request) -> web.Response:
         "uncategorised": sum(1 for t in txns if t.category == "Uncategorised"),
         "first_date": min((t.date for t in txns), default=None),
         "last_date": max((t.date for t in txns), default=None),
-        "data_version": _version(request, user, sessions),
+        "data_version": _version(request, user, sid, sessions),
     })
 
 
@@ -196,7 +201,7 @@ async def _category_summary(request: web.Request) -> web.Response:
             acc[0] += 1
             acc[1] += t.amount
     return _json(request, {
-        "session_id": sid, "data_version": _version(request, user, sessions),
+        "session_id": sid, "data_version": _version(request, user, sid, sessions),
         "categories": [{"category": c, "count": int(v[0]), "total": round(v[1], 2)}
                        for c, v in sorted(totals.items())],
     })
@@ -206,7 +211,7 @@ async def _sessions(request: web.Request) -> web.Response:
     user = await _enter(request, "GET /sessions")
     sessions = request.app[DATA].visible_sessions(user)
     return _json(request, {
-        "data_version": _version(request, user, sessions),
+        "data_version": _version(request, user, None, sessions),
         "sessions": [{
             "id": s.id, "owner": s.owner, "filename": s.filename, "uploaded_at": s.uploaded_at,
             "transaction_count": len(s.transactions),
@@ -217,7 +222,7 @@ async def _sessions(request: web.Request) -> web.Response:
 
 async def _rules(request: web.Request) -> web.Response:
     user = await _enter(request, "GET /rules")
-    return _json(request, {"data_version": user.data_version, "rules": user.rules})
+    return _json(request, {"data_version": user.rules_version, "rules": user.rules})
 
 
 async def _read_json(request: web.Request) -> dict[str, Any]:
@@ -249,10 +254,15 @@ async def _update_transaction(request: web.Request) -> web.Response:
         return _error(404, "not_found", "no such transaction")
     async with request.app[LOCK]:
         txn.category = category
-        owner = data.owner_of(data.session(user, txn.session_id))  # type: ignore[arg-type]
+        session = data.session(user, txn.session_id)
+        assert session is not None
+        owner = data.owner_of(session)
         owner.data_version += 1
-        version = owner.data_version
-    return _json(request, {**txn.as_json(), "data_version": version}, cacheable=False)
+        session.version += 1
+        versions = {"session": session.version, "user": owner.data_version,
+                    "rules": owner.rules_version}
+    return _json(request, {**txn.as_json(), "data_version": session.version,
+                           "versions": versions}, cacheable=False)
 
 
 async def _bulk_categorise(request: web.Request) -> web.Response:
@@ -284,9 +294,13 @@ async def _bulk_categorise(request: web.Request) -> web.Response:
             if rule not in owner.rules:
                 owner.rules.append(rule)
         owner.data_version += 1
-        version = owner.data_version
+        owner.rules_version += 1
+        session.version += 1
+        versions = {"session": session.version, "user": owner.data_version,
+                    "rules": owner.rules_version}
     return _json(request, {"session_id": sid, "changed": len(changed), "ids": changed,
-                           "data_version": version}, cacheable=False)
+                           "data_version": session.version, "versions": versions},
+                 cacheable=False)
 
 
 # ---------------------------------------------------------------------------------------------

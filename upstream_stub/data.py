@@ -1,8 +1,10 @@
 """Deterministic demo data for the stub: users, upload sessions, transactions, rules.
 
 The same seed always gives the same data, so tests and benchmarks can name ids. Every write
-bumps the owner's ``data_version``, which every response carries: the ground truth a test
-uses to prove that a read is not older than the caller's last write.
+bumps version counters, and every response carries the one that covers it as
+``data_version``: a session's views carry the session's version, all-sessions views and
+/sessions the user's, /rules the rules' version. That is the ground truth a test uses to
+prove that a read is not older than the caller's last write that changed it.
 """
 
 from __future__ import annotations
@@ -57,13 +59,15 @@ class Session:
     filename: str
     uploaded_at: str
     transactions: list[Transaction] = field(default_factory=list)
+    version: int = 0  # bumped by every write that changes this session
 
 
 @dataclass
 class User:
     name: str
     superuser: bool
-    data_version: int = 0
+    data_version: int = 0  # bumped by every write of this user's data
+    rules_version: int = 0  # bumped when the rules change
     sessions: dict[str, Session] = field(default_factory=dict)
     rules: list[dict[str, str]] = field(default_factory=list)
 
