@@ -18,7 +18,9 @@ class ConfigError(ProxyError):
         self.key = key
         self.value = value
         self.reason = reason
-        super().__init__(f"{key} = {value!r}: {reason}")
+        # One line, whatever the file contains: a key with control characters is quoted.
+        shown = key if key.isprintable() else repr(key)
+        super().__init__(f"{shown} = {value!r}: {reason}")
 
 
 class StoreError(ProxyError):

@@ -137,6 +137,10 @@ class Flow:
             rid = uuid.uuid4().hex
         ctx = Ctx(request, rid, time.perf_counter(), request.method, path, query)
         try:
+            if request.version not in _HTTP_VERSIONS:
+                # HTTP/0.9 has no header section (no Host, no credentials) and anything else
+                # is not HTTP/1: refuse rather than guess what the client meant.
+                raise BadRequest(505, "http-version")
             if request.method in ("GET", "HEAD"):
                 return await self._read(ctx)
             return await self._write(ctx)
@@ -856,6 +860,7 @@ class Flow:
 
 
 _REQUEST_REASONS = frozenset({"authorization", "request-no-store"})
+_HTTP_VERSIONS = frozenset({(1, 0), (1, 1)})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import LogConfig
 
@@ -46,6 +47,14 @@ def setup(cfg: LogConfig, stream: Any = None) -> None:
     # aiohttp and asyncio log through the standard library: route them to the same stream.
     logging.basicConfig(level=max(level, logging.WARNING), stream=stream,
                         format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("aiohttp.server").addFilter(_client_errors_are_not_server_errors)
+
+
+def _client_errors_are_not_server_errors(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed request (answered 400 by its parser) at ERROR with a
+    traceback; that is the client's error, and a flood of them must not flood the logs."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, HttpProcessingError)
 
 
 def get(name: str) -> Any:
