@@ -38,6 +38,11 @@ bench: setup
 bench-purge: setup
 	$(BIN)/python -m bench.purge
 
+# Minutes of users reading and writing through two proxies while Redis fails (bounded).
+soak: setup
+	scripts/system-deps.sh
+	$(BIN)/python -m bench.soak
+
 # The http-cache-tests suite (cache-tests.fyi), installed from npm into .cache/; needs node.
 conformance: setup
 	$(BIN)/python scripts/conformance.py

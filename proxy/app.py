@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -103,8 +102,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await _push_stats(flow, store, app[ADMIN].instance)
         await app[COALESCER].close()
         await app[UPSTREAM].close()
-        with contextlib.suppress(Exception):
+        redis_closed = True
+        try:
             await store.close()
+        except Exception:
+            redis_closed = False
+        log.info("stopped", upstream_closed=True, redis_closed=redis_closed)
 
 
 async def _replay_loop(flow: Flow) -> None:

@@ -53,7 +53,7 @@ class Ticket:
 
 
 class Coalescer:
-    def __init__(self, store: Store | None, *, wait_s: float, lock_ms: int) -> None:
+    def __init__(self, store: Store, *, wait_s: float, lock_ms: int) -> None:
         self.store = store
         self.wait_s = wait_s
         self.lock_ms = lock_ms
@@ -61,7 +61,7 @@ class Coalescer:
         self._remote: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
         self._pubsub: Any = None
-        self._unlock: Any = store.redis.register_script(_UNLOCK) if store else None
+        self._unlock: Any = store.redis.register_script(_UNLOCK)
         self.listening = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -69,10 +69,9 @@ class Coalescer:
     async def start(self, ready_timeout_s: float = 1.0) -> None:
         """Start listening for fills; wait (bounded) until subscribed, so that the first
         requests already coalesce across processes. Without Redis, start anyway."""
-        if self.store is not None:
-            self._listener = asyncio.create_task(self._listen(), name="coalesce-listener")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.listening.wait(), ready_timeout_s)
+        self._listener = asyncio.create_task(self._listen(), name="coalesce-listener")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.listening.wait(), ready_timeout_s)
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -86,7 +85,6 @@ class Coalescer:
 
     async def _listen(self) -> None:
         """Keep one subscription to the fill channel; reconnect after Redis failures."""
-        assert self.store is not None
         channel = self.store.fill_channel
         delay = 0.05
         while True:
@@ -130,12 +128,12 @@ class Coalescer:
         flight = _Flight(asyncio.get_running_loop().create_future())
         self._flights[key] = flight
         ticket = Ticket(key, leader=True, _flight=flight)
-        if self.store is not None and self.listening.is_set():
+        if self.listening.is_set():
             token = secrets.token_hex(8)
             lock_key = self.store.lock_key(key)
             try:
                 got = await self.store.run(
-                    "lock", lambda: self.store.redis.set(lock_key, token, nx=True,  # type: ignore[union-attr]
+                    "lock", lambda: self.store.redis.set(lock_key, token, nx=True,
                                                          px=self.lock_ms))
             except StoreUnavailable:
                 got = True  # no Redis: lead locally, as if alone
@@ -178,7 +176,7 @@ class Coalescer:
         flight = self._flights.pop(ticket.key, None)
         if flight is not None and not flight.future.done():
             flight.future.set_result(result)
-        if ticket.lock_token and self.store is not None:
+        if ticket.lock_token:
             lock_key = self.store.lock_key(ticket.key)
             channel = self.store.fill_channel
             with contextlib.suppress(StoreUnavailable):  # else the lock expires by itself

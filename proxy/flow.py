@@ -104,7 +104,7 @@ class Fetched:
 
 
 class Flow:
-    def __init__(self, config: Config, store: Store | None, upstream: Upstream,
+    def __init__(self, config: Config, store: Store, upstream: Upstream,
                  metrics: Metrics, coalescer: Coalescer) -> None:
         self.cfg = config
         self.store = store
@@ -123,9 +123,6 @@ class Flow:
         self.background: set[asyncio.Task[Any]] = set()
         self._refreshing: set[str] = set()
         self.tombstone_ttl_ms = int(max(600.0, 3 * config.upstream.timeout_s) * 1000)
-        self._needs_json = any(
-            "request.json" in t.sources or "response.json" in t.sources
-            for r in config.invalidate for t in r.tags)
 
     # -- entry point -----------------------------------------------------------------------------
 
@@ -208,8 +205,6 @@ class Flow:
         if directives.no_store:
             return await self._forward(ctx, Status(Outcome.PASS, "request-no-store",
                                                    fwd="request"))
-        if self.store is None:
-            return await self._forward(ctx, Status(Outcome.BYPASS, "no-store-configured"))
         primary = keys.primary_key(ctx.path, ctx.query, scope)
         try:
             lk = await self.store.lookup(primary, self._value_of(req), self._variant(req))
@@ -347,7 +342,6 @@ class Flow:
     async def _lookup_fresh(self, fill: Fill) -> Entry | None:
         """The entry this request would be served now, if it is fresh for it: looked up
         again (variant included) after another request's fill."""
-        assert self.store is not None
         req = fill.ctx.request
         try:
             lk = await self.store.lookup(fill.primary, self._value_of(req), self._variant(req))
@@ -490,7 +484,6 @@ class Flow:
         )
 
     async def _save(self, fill: Fill, entry: Entry, ttl: float) -> tuple[bool, str]:
-        assert self.store is not None
         lk = fill.lookup
         names = tuple(n for n, _ in entry.vary)
         if names:
@@ -514,7 +507,7 @@ class Flow:
         """Remember for a while that this key's responses cannot be stored, so that later
         requests go straight upstream instead of queueing behind one another. Reasons that
         belong to one request (its credentials, its no-store) do not count."""
-        if self.store is None or self.cfg.cache.hit_for_miss_s <= 0 or \
+        if self.cfg.cache.hit_for_miss_s <= 0 or \
                 reason in _REQUEST_REASONS:
             return
         with contextlib.suppress(StoreUnavailable):
@@ -630,7 +623,7 @@ class Flow:
             if complete:
                 up.release()
                 response_json = _parse_json(prefix)
-        if self.store is not None and self.cfg.cache.enabled and ctx.method not in _SAFE:
+        if self.cfg.cache.enabled and ctx.method not in _SAFE:
             scope = self._user_scope(req.headers.get(self.cfg.cache.identity.header),
                                      self._cookie(req))
             tctx = self._template_ctx(req, {}, scope, request_json, response_json)
@@ -654,7 +647,6 @@ class Flow:
     async def invalidate(self, tags: list[str], *, reason: str, soft: bool = False) -> str:
         """Purge ``tags`` now; if Redis cannot be reached, remember them (reads bypass what
         they cover until they are replayed). Returns a detail word for the response."""
-        assert self.store is not None
         at = time.time()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.cfg.cache.invalidation_wait_ms / 1000
@@ -695,7 +687,7 @@ class Flow:
 
     async def replay_pending(self) -> int:
         """Replay deferred invalidations; returns how many are still pending."""
-        if not self.pending or self.store is None:
+        if not self.pending:
             self.replayed.set()
             return 0
         snapshot = self.pending.snapshot()

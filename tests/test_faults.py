@@ -5,6 +5,7 @@ slow, down, resetting, speaking garbage; writes exactly once; graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 from collections import Counter
@@ -263,8 +264,10 @@ async def test_sigterm_finishes_in_flight_requests(stub: TestServer, stubctl: St
         "routes": [{"name": "p", "match": "GET /p/*", "mode": "honor"}]}))
     await stubctl.program("slow", headers=[["Cache-Control", "max-age=60"]], body="done",
                           delay_ms=800)
+    log = tmp_path / "proxy.log"
     proc, url = await asyncio.to_thread(start_python, "proxy",
-                                        ["--config", str(cfg), "--port", "0"])
+                                        ["--config", str(cfg), "--port", "0"],
+                                        {"LOG_FORMAT": "json"}, False, log)
     try:
         async with aiohttp.ClientSession() as s:
             in_flight = asyncio.ensure_future(s.get(url + "/p/slow"))
@@ -277,6 +280,10 @@ async def test_sigterm_finishes_in_flight_requests(stub: TestServer, stubctl: St
             assert code == 0
             with pytest.raises(aiohttp.ClientConnectionError):
                 await s.get(url + "/p/slow")
+        # It closed the upstream session and Redis before exiting (cleanup_ctx ran).
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        assert {"event": "stopped", "upstream_closed": True, "redis_closed": True}.items() <= \
+            lines[-1].items()
     finally:
         stop(proc)
 
