@@ -603,11 +603,9 @@ class Flow:
             body = raw
         elif req.body_exists:
             body = self._request_body(req)
-        headers = self._upstream_headers(req, strip_conditionals=False)
         try:
-            up = await self._send(ctx, ctx.method, headers, body)
+            up = await self._send_as_is(ctx, body)
         except UpstreamError as e:
-            _check_body(body)
             return self._upstream_error(ctx, e)
         if not 200 <= up.status < 400:
             return await self._stream(ctx, up, ctx.status)
@@ -733,13 +731,20 @@ class Flow:
         ctx.status = status
         req = ctx.request
         body = self._request_body(req) if req.body_exists else None
-        headers = self._upstream_headers(req, strip_conditionals=False)
         try:
-            up = await self._send(ctx, ctx.method, headers, body)
+            up = await self._send_as_is(ctx, body)
         except UpstreamError as e:
-            _check_body(body)
             return self._upstream_error(ctx, e)
         return await self._stream(ctx, up, status)
+
+    async def _send_as_is(self, ctx: Ctx, body: Any) -> UpstreamResponse:
+        """The client's request upstream, its method and conditionals untouched."""
+        headers = self._upstream_headers(ctx.request, strip_conditionals=False)
+        try:
+            return await self._send(ctx, ctx.method, headers, body)
+        except UpstreamError:
+            _check_body(body)  # the client's own body was refused (413, 408): say that
+            raise
 
     def _cache_headers(self, headers: MutableMultiMapping[str], ctx: Ctx,
                        status: Status) -> None:

@@ -4,6 +4,7 @@ and stopped by its pid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import shutil
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,22 @@ class RedisServer:
             stop(self.proc)
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def proxies(n: int, config: Path, env: dict[str, str] | None = None) -> Iterator[list[str]]:
+    """``n`` proxy processes with one config, stopped by pid afterwards; yields their URLs."""
+    started: list[subprocess.Popen[bytes]] = []
+    urls = []
+    try:
+        for _ in range(n):
+            proc, url = start_python("proxy", ["--config", str(config), "--port", "0"], env)
+            started.append(proc)
+            urls.append(url)
+        yield urls
+    finally:
+        for proc in started:
+            stop(proc)
 
 
 def start_python(module: str, args: Sequence[str], env: dict[str, str] | None = None,

@@ -13,7 +13,7 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from .conftest import StubControl
-from .procs import RedisServer, start_python, stop
+from .procs import RedisServer, proxies, start_python, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -30,16 +30,8 @@ def two_proxies(stub: TestServer, redis_server: RedisServer,
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {"CACHE_KEY_SECRET": "coalesce-secret-0123456789"}
-    a, url_a = start_python("proxy", ["--config", str(path), "--port", "0"], env=env)
-    try:
-        b, url_b = start_python("proxy", ["--config", str(path), "--port", "0"], env=env)
-        try:
-            yield url_a, url_b
-        finally:
-            stop(b)
-    finally:
-        stop(a)
+    with proxies(2, path, {"CACHE_KEY_SECRET": "coalesce-secret-0123456789"}) as (a, b):
+        yield a, b
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from . import workload
-from .procs import ROOT, RedisServer, start_python, stop
+from .procs import ROOT, RedisServer, proxies
 
 pytestmark = pytest.mark.e2e
 
@@ -34,15 +34,8 @@ def two_shipped_proxies(stub: TestServer, redis_server: RedisServer,
     env = {"UPSTREAM_URL": str(stub.make_url("")).rstrip("/"),
            "REDIS_CACHE_URL": redis_server.url(),
            "CACHE_KEY_SECRET": "consistency-secret-0123456789"}
-    a, url_a = start_python("proxy", ["--config", str(path), "--port", "0"], env=env)
-    try:
-        b, url_b = start_python("proxy", ["--config", str(path), "--port", "0"], env=env)
-        try:
-            yield url_a, url_b
-        finally:
-            stop(b)
-    finally:
-        stop(a)
+    with proxies(2, path, env) as (a, b):
+        yield a, b
 
 
 async def test_model_based_run_with_redis_faults(two_shipped_proxies: tuple[str, str],
