@@ -38,7 +38,6 @@ return 0
 @dataclass(slots=True)
 class _Flight:
     future: asyncio.Future[Any]
-    waiters: int = 0
 
 
 @dataclass(slots=True)
@@ -123,7 +122,6 @@ class Coalescer:
     async def join(self, key: str) -> Ticket:
         flight = self._flights.get(key)
         if flight is not None:
-            flight.waiters += 1
             return Ticket(key, leader=False, _flight=flight)
         flight = _Flight(asyncio.get_running_loop().create_future())
         self._flights[key] = flight
@@ -190,6 +188,3 @@ class Coalescer:
         if flight is not None and not flight.future.done():
             flight.future.set_result(None)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._flights)

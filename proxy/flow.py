@@ -38,7 +38,7 @@ from .invalidation import Pending, entry_tags, write_tags
 from .log import get as get_logger
 from .metrics import Metrics
 from .outcome import Outcome, Status
-from .policy import Decision, RequestDirectives, Use
+from .policy import RequestDirectives, Use
 from .routes import Router, TemplateContext
 from .stats import Stats
 from .store import Lookup, Store
@@ -230,7 +230,7 @@ class Flow:
                                                   ttl=d.ttl))
             if directives.only_if_cached:
                 return self._gateway_timeout(ctx)
-            return await self._fill(fill, stored, validate=d.use is Use.VALIDATE, decision=d)
+            return await self._fill(fill, stored, validate=d.use is Use.VALIDATE)
         if directives.only_if_cached:
             return self._gateway_timeout(ctx)
         if isinstance(stored, HitForMiss):
@@ -285,8 +285,7 @@ class Flow:
     # -- fills -----------------------------------------------------------------------------------
 
     async def _fill(self, fill: Fill, stale: Entry | None, *, validate: bool = False,
-                    coalesce: bool = True, decision: Decision | None = None,
-                    detail: str = "") -> web.StreamResponse:
+                    coalesce: bool = True, detail: str = "") -> web.StreamResponse:
         ctx = fill.ctx
         if not coalesce:
             fetched = await self._fetch(fill, stale, validate=validate)

@@ -416,9 +416,6 @@ class Store:
         key = self.entry_key(primary)
         await self.run("save", lambda: self._hfm(keys=[key], args=[reason, ttl_s * 1000]))
 
-    async def delete(self, key: str) -> int:
-        return int(await self.run("delete", lambda: self.redis.unlink(key)))
-
     async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
                          tombstone_ttl_ms: int = 0, force: bool = False) -> int:
         """Delete (or, soft, mark stale) every entry carrying one of ``tags``; returns how
@@ -547,11 +544,3 @@ class Store:
         await self.run("ping", lambda: self.redis.ping())
         return time.perf_counter() - started
 
-    async def count_entries(self) -> int:
-        key = self.tag_key(ALL_TAG)
-
-        async def count() -> Any:
-            ms = int(time.time() * 1000)
-            return await self.redis.zcount(key, ms, "+inf")
-
-        return int(await self.run("count", count))
