@@ -45,7 +45,7 @@ def _tags(i: int, extra: str | None = None) -> tuple[str, ...]:
 
 async def _epoch(store: Store) -> int:
     seconds, micros = await store.redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return int(seconds) * 1_000_000 + int(micros)
 
 
 async def _fill(store: Store, start: int, stop: int) -> None:

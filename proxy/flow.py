@@ -490,10 +490,10 @@ class Flow:
             key, primary = self.store.entry_key(key_suffix), fill.primary
         else:
             key, primary = self.store.entry_key(fill.primary), None
-        if time.time() - lk.epoch_ms / 1000 > self.tombstone_ttl_ms / 1000:
+        if time.time() - lk.epoch_us / 1e6 > self.tombstone_ttl_ms / 1000:
             return False, "fill-too-slow"
         try:
-            ok = await self.store.save(key, primary, names, entry, ttl, entry.tags, lk.epoch_ms)
+            ok = await self.store.save(key, primary, names, entry, ttl, entry.tags, lk.epoch_us)
         except StoreUnavailable as e:
             return False, f"redis-{e.kind}"
         if not ok:

@@ -72,7 +72,7 @@ end
 # KEYS: [1] entry key, [2] primary key (vary marker; the entry key when the response does
 #       not vary), [3 .. 2+n] tag index keys, [3+n .. 2+2n] tombstone keys,
 #       [3+2n ..] index keys of the vary marker (its URL tag)
-# ARGV: [1] meta, [2] body, [3] ttl ms, [4] fill epoch ms, [5] n tags, [6] vary names or "",
+# ARGV: [1] meta, [2] body, [3] ttl ms, [4] fill epoch µs, [5] n tags, [6] vary names or "",
 #       [7] key prefix
 # The shebang (Redis >= 7) makes Redis refuse the whole script up front when memory is full
 # (maxmemory with noeviction); a flagless script would be let through once its first write
@@ -81,6 +81,8 @@ _SAVE = "#!lua\n" + _UNINDEX + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = tonumber(ARGV[5])
+-- Epochs, tombstones and the boot marker are in microseconds: a read right after a write
+-- (same millisecond) must still be able to store what it fetched.
 local epoch = tonumber(ARGV[4])
 -- A fill that looked up before this Redis (re)started may carry data older than a write
 -- acknowledged meanwhile (the restart lost that write's tombstones): refuse it. The boot
@@ -147,6 +149,7 @@ return 1
 _PURGE_TAGS = _UNINDEX + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local soft = ARGV[1] == '1'
 local budget = tonumber(ARGV[3])
 local offset = tonumber(ARGV[4])
@@ -157,7 +160,7 @@ for i = 1, #KEYS, 2 do
   if stone ~= index and offset == 0 then
     -- pcall: a Redis out of memory refuses the tombstone, but still lets the purge delete
     -- (and refuses the racing fill's write as well).
-    redis.pcall('SET', stone, now, 'PX', ARGV[2])
+    redis.pcall('SET', stone, now_us, 'PX', ARGV[2])
   end
   local members = redis.call('ZRANGE', index, offset, offset + budget - 1)
   if soft then
@@ -203,7 +206,7 @@ return {count, done, 0}
 class Lookup:
     key: str  # the Redis key the entry lives (or would live) under
     stored: Entry | HitForMiss | None
-    epoch_ms: int  # Redis time of the lookup: a fill started then may not store over a newer purge
+    epoch_us: int  # Redis time of the lookup (µs): a fill may not store over a later purge
     vary: tuple[str, ...] = ()
     vary_values: tuple[tuple[str, str | None], ...] = ()
 
@@ -351,28 +354,28 @@ class Store:
         fields, now, booted = await self.run("lookup", first)
         if isinstance(now, Exception):
             raise StoreUnavailable("response", str(now))
-        epoch_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        epoch_us = int(now[0]) * 1_000_000 + int(now[1])
         if booted == 0:
-            await self.mark_boot(epoch_ms)
+            await self.mark_boot(epoch_us)
         if isinstance(fields, rex.ResponseError):
             await self._drop_corrupt(pkey, "wrongtype")
-            return Lookup(pkey, None, epoch_ms)
+            return Lookup(pkey, None, epoch_us)
         stored = await self._decode_or_drop(pkey, fields)
         if not isinstance(stored, VaryMarker):
-            return Lookup(pkey, stored, epoch_ms)
+            return Lookup(pkey, stored, epoch_us)
         vkey_suffix, values = variant_key(primary, stored.names)
         vkey = self.entry_key(vkey_suffix)
         vfields = await self.run("lookup", lambda: self.redis.hgetall(vkey))
         vstored = await self._decode_or_drop(vkey, vfields)
         if not isinstance(vstored, Entry):
             vstored = None
-        return Lookup(vkey, vstored, epoch_ms, stored.names, values)
+        return Lookup(vkey, vstored, epoch_us, stored.names, values)
 
-    async def mark_boot(self, epoch_ms: int) -> None:
+    async def mark_boot(self, epoch_us: int) -> None:
         """First lookup since Redis started empty (or was flushed): fills that looked up
         before now cannot be trusted to postdate every acknowledged write."""
         with contextlib.suppress(StoreUnavailable):
-            await self.run("boot", lambda: self.redis.set(self.boot_key, epoch_ms, nx=True,
+            await self.run("boot", lambda: self.redis.set(self.boot_key, epoch_us, nx=True,
                                                           px=STATS_TTL_MS))
 
     async def _decode_or_drop(self, key: str, fields: Any) -> Stored | None:
@@ -391,9 +394,9 @@ class Store:
     # -- writes ----------------------------------------------------------------------------------
 
     async def save(self, key: str, primary: str | None, vary: Sequence[str], entry: Entry,
-                   ttl_s: float, tags: Sequence[str], epoch_ms: int) -> bool:
+                   ttl_s: float, tags: Sequence[str], epoch_us: int) -> bool:
         """Store an entry and index it under its tags, unless one of those tags was purged
-        after ``epoch_ms`` (the fill would then carry data from before a write). True when
+        after ``epoch_us`` (the fill would then carry data from before a write). True when
         stored."""
         all_tags = [ALL_TAG, *tags]
         keys = [key, self.entry_key(primary) if primary else key]
@@ -404,7 +407,7 @@ class Store:
             # the variants carry the other tags.
             keys += [self.tag_key(t) for t in tags if t.startswith("url:")]
         ttl_ms = max(1, int(ttl_s * 1000))
-        args: list[bytes | str | int] = [entry.meta_bytes(), entry.body, ttl_ms, epoch_ms,
+        args: list[bytes | str | int] = [entry.meta_bytes(), entry.body, ttl_ms, epoch_us,
                                          len(all_tags), ",".join(vary) if vary else "",
                                          self.prefix]
         result = await self.run("save", lambda: self._save(keys=keys, args=args))
