@@ -71,17 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .workers import supervise
 
         return supervise(args.workers, host, port, ["--config", args.config])
-    _run(config, host, port, args.reuse_port)
+    asyncio.run(_serve(config, host, port, args.reuse_port))
     return 0
-
-
-def _run(config: Config, host: str, port: int, reuse_port: bool) -> None:
-    try:
-        import uvloop  # optional: a faster event loop when installed (pip install .[speed])
-    except ImportError:
-        asyncio.run(_serve(config, host, port, reuse_port))
-    else:
-        uvloop.run(_serve(config, host, port, reuse_port))
 
 
 async def _serve(config: Config, host: str, port: int, reuse_port: bool) -> None:
