@@ -34,7 +34,7 @@ from .coalesce import Coalescer, Ticket
 from .config import Config, InvalidateRule, RouteConfig
 from .entry import Entry, HitForMiss
 from .errors import BadRequest, StoreUnavailable, UpstreamError
-from .invalidation import Pending, entry_tags, write_tags
+from .invalidation import MAX_TAGS_PER_ENTRY, Pending, entry_tags, write_tags
 from .log import get as get_logger
 from .metrics import Metrics
 from .outcome import Outcome, Status
@@ -417,6 +417,10 @@ class Flow:
                            up=up)
         entry = self._make_entry(fill, up.status, up.headers, b"", up.request_time,
                                  up.response_time)
+        if len(entry.tags) > MAX_TAGS_PER_ENTRY:
+            await self._hit_for_miss(fill, "too-many-tags")
+            return Fetched(Status(Outcome.UNCACHEABLE, "too-many-tags", fwd_status=up.status),
+                           up=up)
         ttl = policy.storage_ttl(entry.facts(), route.keep_s, self.cfg.cache.max_entry_ttl_s)
         if ttl <= 0:
             await self._hit_for_miss(fill, "stale-on-arrival")

@@ -22,7 +22,7 @@ from .policy import Headers, get_all
 from .routes import Matched, TemplateContext, expand
 
 SURROGATE_HEADERS = ("surrogate-key", "cache-tag")
-MAX_TAGS_PER_ENTRY = 64
+MAX_TAGS_PER_ENTRY = 256
 MAX_TAG_LENGTH = 200
 
 
@@ -68,7 +68,9 @@ def entry_tags(
             if tag:
                 tags.append(tag)
     tags += surrogate_keys(response_headers)
-    return tuple(dict.fromkeys(tags))[:MAX_TAGS_PER_ENTRY]
+    # Never truncated: an entry missing one of its tags would survive that tag's purge.
+    # The caller refuses to store an entry with more than MAX_TAGS_PER_ENTRY.
+    return tuple(dict.fromkeys(tags))
 
 
 @dataclass(frozen=True, slots=True)

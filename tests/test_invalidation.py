@@ -122,6 +122,17 @@ async def test_surrogate_keys_tag_entries_and_are_stripped(make_proxy: MakeProxy
     assert (await proxy.get("/p/other")).headers["X-Cache"] == "MISS"
 
 
+async def test_entries_with_too_many_tags_are_not_stored(proxy: TestClient[Any, Any],
+                                                       stubctl: StubControl) -> None:
+    keys = " ".join(f"k{i}" for i in range(300))
+    await stubctl.program("many", headers=[["Cache-Control", "max-age=600"],
+                                           ["Surrogate-Key", keys]])
+    for _ in range(2):
+        resp = await proxy.get("/p/many")
+        assert resp.headers["X-Cache"] == "UNCACHEABLE"
+        assert "detail=too-many-tags" in resp.headers["Cache-Status"]
+
+
 async def test_surrogate_headers_can_be_kept(make_proxy: MakeProxy,
                                              stubctl: StubControl) -> None:
     proxy = await make_proxy(cache={"keep_surrogate_headers": True})
