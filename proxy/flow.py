@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -382,7 +383,23 @@ class Flow:
             raise
         ctx.upstream_s = time.perf_counter() - started
         self.metrics.upstream_seconds.labels(ctx.route).observe(ctx.upstream_s)
+        if up.interim:
+            self._pass_interim(ctx, up)
         return up
+
+    def _pass_interim(self, ctx: Ctx, up: UpstreamResponse) -> None:
+        """Hand the upstream's interim responses (103 Early Hints, 102 Processing) to the
+        client, ahead of the final one. aiohttp has no API for them; nothing of this
+        request's response has been written yet, so they can go straight to the transport.
+        HTTP/1.0 clients never get them (RFC 9110 §15.2)."""
+        req = ctx.request
+        if ctx.http_status or req.version != (1, 1) or req.transport is None or \
+                req.transport.is_closing():
+            return
+        for code, reason, headers in up.interim:
+            lines = [f"HTTP/1.1 {code} {reason or _phrase(code)}"]
+            lines += [f"{k}: {v}" for k, v in policy.end_to_end(headers)]
+            req.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
     async def _fetch(self, fill: Fill, stale: Entry | None, *, validate: bool) -> Fetched:
         """Fetch for the cache: a GET (also for HEAD, so the entry fills), without the
@@ -862,6 +879,13 @@ class Flow:
 _REQUEST_REASONS = frozenset({"authorization", "request-no-store"})
 _HTTP_VERSIONS = frozenset({(1, 0), (1, 1)})
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Informational"
 
 
 def _with_detail(status: Status, detail: str) -> Status:

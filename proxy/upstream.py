@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,6 +36,31 @@ _REQUEST_DROP = frozenset({"host", "expect", "x-forwarded-host", "x-forwarded-pr
 CHUNK = 64 * 1024
 
 
+class _ClientResponse(aiohttp.ClientResponse):
+    """Keeps the interim (1xx) responses that aiohttp reads and discards before the final
+    one, so that the proxy can pass them on (103 Early Hints, 102 Processing)."""
+
+    interim: list[tuple[int, str, Headers]]
+
+    async def start(self, connection: Any) -> aiohttp.ClientResponse:
+        self.interim = []
+        protocol = connection.protocol
+        read = protocol.read
+
+        async def observed_read() -> Any:
+            message, payload = await read()
+            if 100 < message.code < 200 and message.code != 101:
+                self.interim.append((message.code, message.reason, [
+                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in message.raw_headers]))
+            return message, payload
+
+        protocol.read = observed_read
+        try:
+            return await super().start(connection)
+        finally:
+            del protocol.read  # the pooled connection reads as before
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
@@ -45,6 +71,11 @@ class UpstreamResponse:
     _resp: aiohttp.ClientResponse
     _free_slot: Callable[[], None]
     _released: bool = field(default=False)
+
+    @property
+    def interim(self) -> list[tuple[int, str, Headers]]:
+        """1xx responses received before this one (never 100 or 101)."""
+        return getattr(self._resp, "interim", [])
 
     @property
     def content_length(self) -> int | None:
@@ -126,6 +157,7 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
+            response_class=_ClientResponse,
         )
         # aiohttp retries an idempotent request once on a reused connection that turns out to
         # be closed (aio-libs/aiohttp#10790). The proxy's request body is a one-shot stream,
