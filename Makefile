@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench bench-purge conformance soak clean
+.PHONY: setup run test lint bench bench-purge bench-parsers conformance soak clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,9 @@ bench: setup
 
 bench-purge: setup
 	$(BIN)/python -m bench.purge
+
+bench-parsers: setup
+	$(BIN)/python -m bench.parsers
 
 # Minutes of users reading and writing through two proxies while Redis fails (bounded).
 soak: setup
