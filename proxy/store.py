@@ -128,6 +128,18 @@ index(KEYS[1], 3, 2 + n)
 return 1
 """
 
+# KEYS: [1] boot marker; ARGV: [1] lookup epoch µs, [2] ttl ms. Keeps the earliest epoch of
+# the lookups that found the marker missing: all of them happened after Redis (re)started, so
+# the earliest still bounds what may be stored, and two instances racing to set it cannot
+# make one another's legitimate fills look older than the marker.
+_BOOT = """#!lua
+local b = redis.call('GET', KEYS[1])
+if not b or tonumber(ARGV[1]) < tonumber(b) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
 # KEYS: [1] primary key; ARGV: [1] reason, [2] ttl ms. Keeps a vary marker (other variants).
 _HIT_FOR_MISS = """#!lua
 if redis.call('HEXISTS', KEYS[1], 'v') == 1 then
@@ -246,6 +258,7 @@ class Store:
         self._save = self.redis.register_script(_SAVE)
         self._hfm = self.redis.register_script(_HIT_FOR_MISS)
         self._purge = self.redis.register_script(_PURGE_TAGS)
+        self._boot = self.redis.register_script(_BOOT)
 
     async def warm(self, connections: int = 4) -> None:
         """Open a few pooled connections before traffic arrives (best effort)."""
@@ -375,8 +388,8 @@ class Store:
         """First lookup since Redis started empty (or was flushed): fills that looked up
         before now cannot be trusted to postdate every acknowledged write."""
         with contextlib.suppress(StoreUnavailable):
-            await self.run("boot", lambda: self.redis.set(self.boot_key, epoch_us, nx=True,
-                                                          px=STATS_TTL_MS))
+            await self.run("boot", lambda: self._boot(keys=[self.boot_key],
+                                                      args=[epoch_us, STATS_TTL_MS]))
 
     async def _decode_or_drop(self, key: str, fields: Any) -> Stored | None:
         try:
