@@ -9,6 +9,7 @@ little role. Health (and /metrics) may be left open for probes and scrapers.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hmac
 import json
 import os
@@ -29,7 +30,7 @@ from .errors import EntryCorrupt, StoreUnavailable
 from .flow import Flow
 from .invalidation import clean_tag
 from .log import get as get_logger
-from .metrics import Metrics
+from .metrics import Metrics, RedisGauges
 from .stats import summarize
 from .store import ALL_TAG, Store
 
@@ -137,14 +138,12 @@ class Admin:
         try:
             shared, instances = await self.store.read_stats()
             out["cluster"] = {"instances": instances, **summarize(shared)}
-            mem = await self.store.memory()
-            routes = [r.name for r in self.cfg.routes]
-            counts = await self.store.count_tagged([ALL_TAG, *("~route:" + r for r in routes)])
-            out["redis"] = {"reachable": True, **mem,
-                            "memory_ratio": round(mem["used_memory"] / mem["maxmemory"], 4)
-                            if mem["maxmemory"] else None,
-                            "entries": counts[0],
-                            "entries_by_route": dict(zip(routes, counts[1:], strict=True))}
+            fig = await self._redis_figures()
+            out["redis"] = {"reachable": True, "used_memory": fig.used_memory,
+                            "maxmemory": fig.maxmemory,
+                            "memory_ratio": round(fig.used_memory / fig.maxmemory, 4)
+                            if fig.maxmemory else None,
+                            "entries": fig.entries, "entries_by_route": fig.entries_by_route}
         except StoreUnavailable as e:
             out["cluster"] = None
             out["redis"] = {"reachable": False, "error": e.kind}
@@ -336,18 +335,24 @@ class Admin:
         if now - self._gauges_read_at < REDIS_GAUGES_MAX_AGE_S:
             return
         self._gauges_read_at = now
-        g = self.metrics.redis_gauges
         try:
-            mem = await self.store.memory()
-            routes = [r.name for r in self.cfg.routes]
-            counts = await self.store.count_tagged([ALL_TAG, *("~route:" + r for r in routes)])
+            fig = await self._redis_figures()
         except StoreUnavailable:
-            g.reachable = False
+            self.metrics.redis_gauges.reachable = False
             return
-        g.reachable = True
-        g.used_memory, g.maxmemory = mem["used_memory"], mem["maxmemory"]
-        g.entries = counts[0]
-        g.entries_by_route = dict(zip(routes, counts[1:], strict=True))
+        # The collector reads this object at every scrape: update it in place.
+        for f in dataclasses.fields(fig):
+            setattr(self.metrics.redis_gauges, f.name, getattr(fig, f.name))
+
+    async def _redis_figures(self) -> RedisGauges:
+        """Memory from INFO and live entries from the indexes (a ZCOUNT per route, never
+        KEYS or SCAN): what /cache/stats and /metrics report of Redis."""
+        mem = await self.store.memory()
+        routes = [r.name for r in self.cfg.routes]
+        counts = await self.store.count_tagged([ALL_TAG, *("~route:" + r for r in routes)])
+        return RedisGauges(reachable=True, used_memory=mem["used_memory"],
+                           maxmemory=mem["maxmemory"], entries=counts[0],
+                           entries_by_route=dict(zip(routes, counts[1:], strict=True)))
 
 
 _DASHBOARD = resources.files("proxy").joinpath("static/dashboard.html").read_text("utf-8")
