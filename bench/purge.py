@@ -22,7 +22,8 @@ from pathlib import Path
 from proxy import keys
 from proxy.config import RedisConfig
 from proxy.entry import Entry
-from proxy.store import Store
+from proxy.redisconn import RedisConn
+from proxy.store import Lookup, Store
 from tests.procs import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +71,8 @@ async def _round(store: Store, round_no: int) -> float:
     for v in range(VICTIMS):
         i = 10_000_000 + round_no * VICTIMS + v
         tags = _tags(i, tag)
-        ok = await store.save(store.entry_key(f"v{i}"), None, (), _entry(i, tags), 3600.0,
-                              tags, await _epoch(store))
+        lookup = Lookup(store.entry_key(f"v{i}"), None, await _epoch(store))
+        ok = await store.save(lookup, f"v{i}", _entry(i, tags), 3600.0)
         assert ok
     started = time.perf_counter()
     deleted = await store.purge_tags([tag], tombstone_ttl_ms=600_000)
@@ -94,7 +95,8 @@ async def main() -> int:
     rounds = int(os.environ.get("BENCH_PURGE_ROUNDS", "15"))
     sizes = [s for s in (1_000, 10_000, 100_000, 1_000_000) if s <= top]
     server = RedisServer().start()
-    store = Store(RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000))
+    conn = RedisConn(RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000))
+    store = Store(conn)
     results: list[dict[str, float]] = []
     try:
         have = 0
@@ -122,7 +124,7 @@ async def main() -> int:
         (out / "purge.json").write_text(json.dumps(results, indent=2))
         print(f"written to {out / 'purge.json'}")
     finally:
-        await store.close()
+        await conn.close()
         server.stop()
     return 0
 

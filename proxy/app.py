@@ -5,27 +5,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from . import admin as admin_routes
-from .admin import Admin
+from .admin import Admin, new_instance_id
 from .coalesce import Coalescer
 from .config import Config
 from .errors import StoreUnavailable
 from .flow import Flow
+from .invalidator import Invalidator
+from .keyspace import Keyspace
 from .log import get as get_logger
 from .metrics import Metrics
+from .redisconn import RedisConn
+from .stats import Stats
 from .store import Store
 from .upstream import Upstream
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
+STATS = web.AppKey("stats", Stats)
+REDIS = web.AppKey("redis", RedisConn)
 STORE = web.AppKey("store", Store)
+KEYSPACE = web.AppKey("keyspace", Keyspace)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COALESCER = web.AppKey("coalescer", Coalescer)
+INVALIDATOR = web.AppKey("invalidator", Invalidator)
 FLOW = web.AppKey("flow", Flow)
 ADMIN = web.AppKey("admin", Admin)
 
@@ -49,22 +56,34 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         "keepalive_timeout": config.server.client_timeout_s,
     })
     metrics = metrics or Metrics()
-    store = Store(config.redis, observer=metrics.redis_op)
+    stats = Stats()
+    conn = RedisConn(config.redis, observer=metrics.redis_op)
+    store = Store(conn)
     upstream = Upstream(config.upstream, via=f"1.1 {config.cache.status_name}",
                         strip=config.server.strip_request_headers)
     coalescer = Coalescer(store, wait_s=config.cache.coalesce_wait_ms / 1000,
                           lock_ms=config.cache.coalesce_lock_ms)
-    flow = Flow(config, store, upstream, metrics, coalescer)
+    invalidator = Invalidator(store, metrics, stats,
+                              wait_ms=config.cache.invalidation_wait_ms,
+                              max_entry_ttl_s=config.cache.max_entry_ttl_s,
+                              upstream_timeout_s=config.upstream.timeout_s)
+    flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats)
+    keyspace = Keyspace(store)
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[STATS] = stats
+    app[REDIS] = conn
     app[STORE] = store
+    app[KEYSPACE] = keyspace
     app[UPSTREAM] = upstream
     app[COALESCER] = coalescer
+    app[INVALIDATOR] = invalidator
     app[FLOW] = flow
+    app[ADMIN] = Admin(config, flow, invalidator, keyspace, conn, metrics, stats,
+                       new_instance_id())
     app.cleanup_ctx.append(_lifecycle)
-    target = app if config.admin.port is None else web.Application()
-    app[ADMIN] = admin_routes.register(target, config, flow, store, metrics,
-                                       instance=uuid.uuid4().hex[:12])
+    if config.admin.port is None:
+        admin_routes.register(app, app[ADMIN])
     app.router.add_route("*", "/{tail:.*}", flow.handle)
     return app
 
@@ -72,25 +91,25 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
 def create_admin_app(proxy_app: web.Application) -> web.Application:
     """Admin routes and /metrics on their own application (``admin.port``); the resources
     belong to ``proxy_app``, which must be running."""
-    cfg, admin = proxy_app[CONFIG], proxy_app[ADMIN]
     app = web.Application()
-    admin_routes.register(app, cfg, admin.flow, admin.store, admin.metrics, admin.instance)
+    admin_routes.register(app, proxy_app[ADMIN])
     return app
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config, store, flow = app[CONFIG], app[STORE], app[FLOW]
+    config, conn, flow = app[CONFIG], app[REDIS], app[FLOW]
     if config.cache.key_secret_is_default:
         log.warning("CACHE_KEY_SECRET is not set: using the development default; set a secret "
                     "shared by all instances in production")
     await app[UPSTREAM].start()
-    await store.warm()
+    await conn.warm()
     await app[COALESCER].start(ready_timeout_s=2 * config.redis.connect_timeout_ms / 1000)
-    tasks = [asyncio.create_task(_replay_loop(flow), name="replay-invalidations"),
-             asyncio.create_task(_stats_loop(flow, store, app[ADMIN].instance),
+    instance = app[ADMIN].instance
+    tasks = [asyncio.create_task(_replay_loop(app[INVALIDATOR]), name="replay-invalidations"),
+             asyncio.create_task(_stats_loop(app[STATS], app[KEYSPACE], instance),
                                  name="push-stats")]
     log.info("started", upstream=config.upstream.url, routes=len(config.routes),
-             cache_enabled=config.cache.enabled, instance=app[ADMIN].instance)
+             cache_enabled=config.cache.enabled, instance=instance)
     try:
         yield
     finally:
@@ -99,41 +118,42 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for task in list(flow.background):
             task.cancel()
         await asyncio.gather(*tasks, *flow.background, return_exceptions=True)
-        await _push_stats(flow, store, app[ADMIN].instance)
+        await push_stats(app[STATS], app[KEYSPACE], instance)
         await app[COALESCER].close()
         await app[UPSTREAM].close()
         redis_closed = True
         try:
-            await store.close()
+            await conn.close()
         except Exception:
             redis_closed = False
         log.info("stopped", upstream_closed=True, redis_closed=redis_closed)
 
 
-async def _replay_loop(flow: Flow) -> None:
+async def _replay_loop(invalidator: Invalidator) -> None:
     """Replays invalidations that could not reach Redis when their write succeeded."""
     while True:
         await asyncio.sleep(REPLAY_INTERVAL_S)
-        if flow.pending:
+        if invalidator.pending:
             try:
-                await flow.replay_pending()
+                await invalidator.replay()
             except Exception:  # never let the loop die; the next round tries again
                 log.exception("replaying invalidations failed")
 
 
-async def _stats_loop(flow: Flow, store: Store, instance: str) -> None:
+async def _stats_loop(stats: Stats, keyspace: Keyspace, instance: str) -> None:
     while True:
         await asyncio.sleep(STATS_PUSH_INTERVAL_S)
-        await _push_stats(flow, store, instance)
+        await push_stats(stats, keyspace, instance)
 
 
-async def _push_stats(flow: Flow, store: Store, instance: str) -> None:
-    flow.stats.sample(time.time())
-    deltas = flow.stats.take_unpushed()
+async def push_stats(stats: Stats, keyspace: Keyspace, instance: str) -> None:
+    """Add this instance's counters to the shared ones (and take a history sample)."""
+    stats.sample(time.time())
+    deltas = stats.take_unpushed()
     try:
-        await store.push_stats(deltas, instance)
+        await keyspace.push_stats(deltas, instance)
     except StoreUnavailable:
-        flow.stats.give_back(deltas)
+        stats.give_back(deltas)
     except Exception:
-        flow.stats.give_back(deltas)
+        stats.give_back(deltas)
         log.exception("pushing statistics failed")

@@ -24,7 +24,6 @@ class Breaker:
         self.consecutive_failures = 0
         self.opened_at = 0.0
         self.probe_started = 0.0
-        self.opened_count = 0
 
     def allow(self, now: float) -> bool:
         if self.state is State.CLOSED:
@@ -49,7 +48,5 @@ class Breaker:
     def failure(self, now: float) -> None:
         self.consecutive_failures += 1
         if self.state is State.HALF_OPEN or self.consecutive_failures >= self.threshold:
-            if self.state is not State.OPEN:
-                self.opened_count += 1
             self.state = State.OPEN
             self.opened_at = now

@@ -1,12 +1,20 @@
 """One upstream fetch per key at a time, in this process and across processes.
 
-In-process, the first request for a key becomes the leader; later ones wait on its future.
-Across processes, the leader also takes a Redis lock (``SET NX PX``: a crashed holder's lock
-expires); a process that finds the lock taken waits for the holder's "filled" message on one
-shared pub/sub channel (an event, not polling), then looks the key up again. Every wait is
-bounded: a waiter that times out fetches for itself.
+    step = coalescer.join(key)          # decided at once, no I/O
+    Follow: stored = await coalescer.follow(step)   # another request here is fetching
+    Lead:   async with step as lead:                # this request fetches
+                if lead.remote: found = await coalescer.wait_remote(key, recheck)
+                ...; lead.stored = True
 
-Knows nothing of HTTP: it hands out leadership and carries an opaque result.
+In-process, the first request for a key leads and later ones follow its future. Across
+processes, the leader also takes a lock in Redis (a crashed holder's lock expires); a
+process that finds the lock taken waits for the holder's "filled" message (an event, not
+polling), then looks the key up again. Every wait is bounded: a waiter that times out
+fetches for itself. Leaving the ``async with`` tells followers what happened and releases
+the lock, under a shield: a cancelled leader still releases, and its followers fetch for
+themselves.
+
+Knows nothing of HTTP; every Redis command it needs is in ``store``.
 """
 
 from __future__ import annotations
@@ -15,8 +23,8 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from types import TracebackType
 
 from .errors import StoreUnavailable
 from .log import get as get_logger
@@ -24,31 +32,37 @@ from .store import Store
 
 log = get_logger("coalesce")
 
-# Release the lock only if we still hold it (it may have expired and been taken by another).
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
-end
-return 0
-"""
-
 
 @dataclass(slots=True)
-class _Flight:
-    future: asyncio.Future[Any]
-
-
-@dataclass(slots=True)
-class Ticket:
-    """What ``join`` hands out: leadership, or a way to wait for the leader."""
+class Follow:
+    """Another request of this process is fetching the key."""
 
     key: str
-    leader: bool
-    remote: bool = False  # the leader is another process
-    lock_token: str | None = None
-    _flight: _Flight | None = field(default=None, repr=False)
+    future: asyncio.Future[bool]  # True when the leader stored what it fetched
+
+
+class Lead:
+    """This request fetches the key (see the module's docstring)."""
+
+    def __init__(self, coalescer: Coalescer, key: str, flight: asyncio.Future[bool]) -> None:
+        self._coalescer = coalescer
+        self.key = key
+        self.flight = flight
+        self.remote = False  # another process holds the lock: wait for its fill first
+        self.stored = False  # set by the leader: followers then read the entry back
+        self.token: str | None = None  # of the lock, while held
+
+    async def __aenter__(self) -> Lead:
+        await self._coalescer._lock(self)
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            await asyncio.shield(self._coalescer._finish(self))
+        except asyncio.CancelledError:
+            self._coalescer._abandon(self)
+            raise
 
 
 class Coalescer:
@@ -56,11 +70,9 @@ class Coalescer:
         self.store = store
         self.wait_s = wait_s
         self.lock_ms = lock_ms
-        self._flights: dict[str, _Flight] = {}
+        self._flights: dict[str, asyncio.Future[bool]] = {}
         self._remote: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
-        self._pubsub: Any = None
-        self._unlock: Any = store.redis.register_script(_UNLOCK)
         self.listening = asyncio.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -77,77 +89,57 @@ class Coalescer:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._listener
-        for waiters in self._remote.values():
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+        for key in list(self._remote):
+            self._wake(key)
 
     async def _listen(self) -> None:
-        """Keep one subscription to the fill channel; reconnect after Redis failures."""
-        channel = self.store.fill_channel
+        """Keep one subscription to the fill messages; resubscribe after Redis failures."""
         delay = 0.05
         while True:
-            pubsub = self.store.listener.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(channel)
-                self.listening.set()
-                delay = 0.05
-                while True:
-                    msg = await pubsub.get_message(timeout=None)
-                    if msg is None or msg.get("type") != "message":
-                        continue
-                    self._wake(msg["data"].decode("latin-1"))
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                raise
-            except Exception:
-                self.listening.clear()
-                # Waiters cannot count on a message that may have been lost: wake them all
-                # now; each looks the key up again or fetches for itself.
-                for key in list(self._remote):
+                async for key in self.store.fills(self.listening.set):
+                    delay = 0.05
                     self._wake(key)
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            except StoreUnavailable:
+                pass
+            self.listening.clear()
+            # Waiters cannot count on a message that may have been lost: wake them all
+            # now; each looks the key up again or fetches for itself.
+            for key in list(self._remote):
+                self._wake(key)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
     def _wake(self, key: str) -> None:
         for w in self._remote.pop(key, []):
             if not w.done():
                 w.set_result(None)
 
-    # -- in-process and cross-process leadership -------------------------------------------------
+    # -- leadership ------------------------------------------------------------------------------
 
-    async def join(self, key: str) -> Ticket:
-        flight = self._flights.get(key)
-        if flight is not None:
-            return Ticket(key, leader=False, _flight=flight)
-        flight = _Flight(asyncio.get_running_loop().create_future())
+    def join(self, key: str) -> Lead | Follow:
+        """Lead the fetch of ``key`` in this process, or follow the request that does."""
+        current = self._flights.get(key)
+        if current is not None:
+            return Follow(key, current)
+        flight: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
-        ticket = Ticket(key, leader=True, _flight=flight)
-        if self.listening.is_set():
-            token = secrets.token_hex(8)
-            lock_key = self.store.lock_key(key)
-            try:
-                got = await self.store.run(
-                    "lock", lambda: self.store.redis.set(lock_key, token, nx=True,
-                                                         px=self.lock_ms))
-            except StoreUnavailable:
-                got = True  # no Redis: lead locally, as if alone
-                token = ""
-            if got:
-                ticket.lock_token = token or None
-            else:
-                ticket.remote = True
-        return ticket
+        return Lead(self, key, flight)
 
-    async def wait_remote(self, ticket: Ticket, recheck: Callable[[], Awaitable[bool]]) -> bool:
-        """Wait for another process's fill of this key. ``recheck`` looks the key up and says
+    async def follow(self, step: Follow) -> bool:
+        """Whether the leader stored what it fetched; False when it failed, stored nothing
+        or took longer than the wait bound."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(step.future), self.wait_s)
+        except TimeoutError:
+            return False
+
+    async def wait_remote(self, key: str, recheck: Callable[[], Awaitable[bool]]) -> bool:
+        """Wait for another process's fill of ``key``. ``recheck`` looks the key up and says
         whether the entry is there now; it runs once after subscribing (the fill may have
         finished before) and once after the wake-up. False: fetch for yourself."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._remote.setdefault(ticket.key, []).append(fut)
+        self._remote.setdefault(key, []).append(fut)
         try:
             if await recheck():
                 return True
@@ -155,36 +147,39 @@ class Coalescer:
                 await asyncio.wait_for(asyncio.shield(fut), self.wait_s)
             return await recheck()
         finally:
-            waiters = self._remote.get(ticket.key)
+            waiters = self._remote.get(key)
             if waiters and fut in waiters:
                 waiters.remove(fut)
                 if not waiters:
-                    del self._remote[ticket.key]
+                    del self._remote[key]
 
-    async def wait_local(self, ticket: Ticket) -> Any:
-        """The leader's result, or None when it failed or took longer than the wait bound."""
-        assert ticket._flight is not None
+    async def _lock(self, lead: Lead) -> None:
+        if not self.listening.is_set():
+            return  # nobody else could be woken: lead as if alone
+        token = secrets.token_hex(8)
         try:
-            return await asyncio.wait_for(asyncio.shield(ticket._flight.future), self.wait_s)
-        except TimeoutError:
-            return None
+            got = await self.store.lock(lead.key, token, self.lock_ms)
+        except StoreUnavailable:
+            return  # no Redis: lead locally, as if alone
+        if got:
+            lead.token = token
+        else:
+            lead.remote = True
 
-    async def finish(self, ticket: Ticket, result: Any) -> None:
-        """The leader is done (``result`` None when there is nothing to share)."""
-        flight = self._flights.pop(ticket.key, None)
-        if flight is not None and not flight.future.done():
-            flight.future.set_result(result)
-        if ticket.lock_token:
-            lock_key = self.store.lock_key(ticket.key)
-            channel = self.store.fill_channel
+    async def _finish(self, lead: Lead) -> None:
+        self._settle(lead, lead.stored)
+        if lead.token is not None:
+            token, lead.token = lead.token, None
             with contextlib.suppress(StoreUnavailable):  # else the lock expires by itself
-                await self.store.run("unlock", lambda: self._unlock(
-                    keys=[lock_key], args=[ticket.lock_token, channel, ticket.key]))
+                await self.store.unlock(lead.key, token)
 
-    def abandon(self, ticket: Ticket) -> None:
-        """The leader was cancelled: waiters fetch for themselves; the lock expires or is
-        released by ``finish`` when the caller still can."""
-        flight = self._flights.pop(ticket.key, None)
-        if flight is not None and not flight.future.done():
-            flight.future.set_result(None)
+    def _abandon(self, lead: Lead) -> None:
+        """The leader was cancelled: followers fetch for themselves; the lock expires or is
+        released by ``_finish`` when it still can."""
+        self._settle(lead, False)
 
+    def _settle(self, lead: Lead, stored: bool) -> None:
+        if self._flights.get(lead.key) is lead.flight:
+            del self._flights[lead.key]
+        if not lead.flight.done():
+            lead.flight.set_result(stored)

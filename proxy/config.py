@@ -25,7 +25,8 @@ from .routes import MatchSpec, Template, parse_match, parse_template
 # content is passed through, never stored.
 HEURISTIC_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 DEV_KEY_SECRET = "dev-only-insecure-key-secret"
-DEFAULT_KEEP_S = 3600  # example value, for development only
+# How long honor routes keep a stale entry with validators, for revalidation (keep_s).
+DEFAULT_KEEP_S = 3600
 
 Scope = Literal["user", "public"]
 Mode = Literal["honor", "override", "pass"]
@@ -104,7 +105,9 @@ class RouteConfig:
     match: MatchSpec
     mode: Mode = "honor"
     ttl_s: int | None = None
-    scope: Scope = "user"
+    # The loader's defaults: honor routes are public (RFC 9111's shared-cache rules keep
+    # per-user responses out), override routes per user.
+    scope: Scope = "public"
     tags: tuple[Template, ...] = ()
     statuses: frozenset[int] = HEURISTIC_STATUSES
     grace_s: int = 0
@@ -154,12 +157,6 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"
-
-    def route(self, name: str) -> RouteConfig:
-        for r in self.routes:
-            if r.name == name:
-                return r
-        raise KeyError(name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 from .errors import EntryCorrupt
-from .policy import StoredFacts, get_first
+from .policy import StoredFacts, current_age, get_first
 
 FORMAT_VERSION = 1
 
@@ -57,8 +56,9 @@ class Entry:
             purged_at=self.purged_at,
         )
 
-    def with_headers(self, headers: tuple[tuple[str, str], ...], **changes: Any) -> Entry:
-        return replace(self, headers=headers, purged_at=None, **changes)
+    def age(self, now: float) -> float:
+        """Current age (RFC 9111 §4.2.3)."""
+        return current_age(self.initial_age, self.response_time, now)
 
     def meta_bytes(self) -> bytes:
         return json.dumps({
@@ -83,9 +83,6 @@ class Entry:
 @dataclass(frozen=True, slots=True)
 class VaryMarker:
     names: tuple[str, ...]
-
-    def to_bytes(self) -> bytes:
-        return ",".join(self.names).encode()
 
 
 @dataclass(frozen=True, slots=True)

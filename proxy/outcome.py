@@ -3,7 +3,7 @@ label and the log field alike. Pure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 
@@ -20,8 +20,8 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Status:
-    """What a response says about the cache's part in it."""
+class CacheStatus:
+    """What a response says about the cache's part in it (beside its HTTP status)."""
 
     outcome: Outcome
     detail: str = ""
@@ -53,6 +53,12 @@ class Status:
         if self.detail:
             parts.append(f"detail={self.detail}")
         return "; ".join(parts)
+
+    def with_detail(self, detail: str) -> CacheStatus:
+        """The same status with ``detail``, unless it carries one already."""
+        if self.detail or not detail:
+            return self
+        return replace(self, detail=detail)
 
 
 _FWD = {

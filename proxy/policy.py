@@ -403,6 +403,26 @@ def _lifetime(status: int, headers: Headers, cc: CacheControl, route: RouteConfi
     return 0.0, "none"
 
 
+def stored_fields(headers: Headers, response_time: float) -> list[tuple[str, str]]:
+    """The header section a cache keeps: what ``strip_unstorable_fields`` leaves, with a
+    ``Date`` added when the upstream sent none (RFC 9110 §6.6.1: a recipient with a clock
+    adds the time it received the message at)."""
+    kept = strip_unstorable_fields(headers)
+    if get_first(kept, "date") is None:
+        kept.append(("Date", format_http_date(response_time)))
+    return kept
+
+
+def fetched_fields(headers: Headers, response_time: float) -> list[tuple[str, str]]:
+    """What the client that caused a fetch is sent: every end-to-end field (also those a
+    qualified no-cache or private keeps out of the store), without framing and ``Age``
+    (both generated), with ``Date`` added when missing."""
+    fields = [(k, v) for k, v in end_to_end(headers) if k.lower() not in ("content-length", "age")]
+    if get_first(fields, "date") is None:
+        fields.append(("Date", format_http_date(response_time)))
+    return fields
+
+
 def strip_unstorable_fields(headers: Headers) -> list[tuple[str, str]]:
     """What is stored of a response's header section.
 
@@ -528,13 +548,19 @@ class Decision:
     ttl: float  # remaining freshness; negative when stale
 
 
-def decide(facts: StoredFacts, req: RequestDirectives, now: float) -> Decision:
+def age_and_ttl(facts: StoredFacts, now: float) -> tuple[float, float]:
+    """Current age and remaining freshness (negative when stale); a soft purge ends the
+    freshness at the time it happened."""
     age = current_age(facts.initial_age, facts.response_time, now)
     lifetime = facts.lifetime
     if facts.purged_at is not None:
         lifetime = min(lifetime, current_age(facts.initial_age, facts.response_time,
                                              facts.purged_at))
-    ttl = lifetime - age
+    return age, lifetime - age
+
+
+def decide(facts: StoredFacts, req: RequestDirectives, now: float) -> Decision:
+    age, ttl = age_and_ttl(facts, now)
     fresh = ttl > 0 and not facts.no_cache
 
     def validate_or_refetch() -> Decision:
@@ -615,7 +641,7 @@ def not_modified(request_headers: Headers, response_headers: Headers) -> bool:
     return False
 
 
-# §4.1 of RFC 9110 §15.4.5: the fields a 304 carries from the stored response.
+# RFC 9110 §15.4.5: the fields a 304 carries over from the stored 200.
 NOT_MODIFIED_FIELDS = ("cache-control", "content-location", "date", "etag", "expires",
                        "last-modified", "vary")
 

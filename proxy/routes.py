@@ -45,10 +45,6 @@ class MatchSpec:
     segments: tuple[Segment, ...]
     wildcard: bool  # a trailing "*" matches the rest of the path
 
-    @property
-    def params(self) -> tuple[str, ...]:
-        return tuple(s.name for s in self.segments if isinstance(s, Param))
-
     def allows(self, method: str) -> bool:
         return self.methods is None or method in self.methods
 

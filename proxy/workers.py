@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .log import get as get_logger
 from .metrics import mark_dead
@@ -52,15 +52,7 @@ def _read_listening(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 def supervise(n: int, host: str, port: int, worker_args: Sequence[str]) -> int:
     reserved = _reserve_port(host, port)
     port = reserved.getsockname()[1]
-    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    own_dir = mp_dir is None
-    if own_dir:
-        mp_dir = tempfile.mkdtemp(prefix="jsoncache-metrics-")
-    else:
-        assert mp_dir is not None
-        for name in os.listdir(mp_dir):  # stale samples from an earlier run
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(mp_dir, name))
+    mp_dir, own_dir = _metrics_dir()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "proxy", *worker_args, "--host", host, "--port", str(port),
            "--reuse-port"]
@@ -90,27 +82,48 @@ def supervise(n: int, host: str, port: int, worker_args: Sequence[str]) -> int:
             for i, w in enumerate(workers):
                 if w.poll() is None or stopping:
                     continue
-                mark_dead(w.pid, mp_dir)
-                delay = RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)]
-                log.error("worker exited; restarting", pid=w.pid, status=w.returncode,
-                          delay_s=delay)
-                restarts += 1
-                time.sleep(delay)
-                workers[i] = start()
-                _read_listening(workers[i], 30)
+                restarts = _restart(workers, i, start, mp_dir, restarts)
         return 0
     finally:
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        for w in workers:
-            try:
-                w.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                w.kill()
-                w.wait()
-            if w.stdout is not None:
-                w.stdout.close()
+        _stop_all(workers)
         reserved.close()
         if own_dir:
             shutil.rmtree(mp_dir, ignore_errors=True)
+
+
+def _metrics_dir() -> tuple[str, bool]:
+    """The shared PROMETHEUS_MULTIPROC_DIR (emptied of an earlier run's samples), and
+    whether the supervisor made it (then it removes it at the end)."""
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if mp_dir is None:
+        return tempfile.mkdtemp(prefix="jsoncache-metrics-"), True
+    for name in os.listdir(mp_dir):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(mp_dir, name))
+    return mp_dir, False
+
+
+def _restart(workers: list[subprocess.Popen[bytes]], i: int,
+             start: Callable[[], subprocess.Popen[bytes]], mp_dir: str, restarts: int) -> int:
+    dead = workers[i]
+    mark_dead(dead.pid, mp_dir)
+    delay = RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)]
+    log.error("worker exited; restarting", pid=dead.pid, status=dead.returncode, delay_s=delay)
+    time.sleep(delay)
+    workers[i] = start()
+    _read_listening(workers[i], 30)
+    return restarts + 1
+
+
+def _stop_all(workers: list[subprocess.Popen[bytes]]) -> None:
+    for w in workers:
+        if w.poll() is None:
+            w.send_signal(signal.SIGTERM)
+    for w in workers:
+        try:
+            w.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+        if w.stdout is not None:
+            w.stdout.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
@@ -73,37 +74,19 @@ def stubctl(stub: TestServer) -> StubControl:
 
 
 def base_config(upstream_url: str, redis_url: str, /, **overrides: Any) -> dict[str, Any]:
-    """The shipped routes for the transactions API plus a public honor-mode route over the
-    stub's programmable endpoint; ``overrides`` replace top-level sections."""
+    """The routes and write rules of the shipped config.yaml (one source of truth) plus a
+    public honor-mode route over the stub's programmable endpoint; ``overrides`` replace
+    top-level sections."""
+    shipped = yaml.safe_load((ROOT_DIR / "config.yaml").read_text())
     cfg: dict[str, Any] = {
         "upstream": {"url": upstream_url, "timeout_s": 5, "connect_timeout_s": 1},
         "redis": {"url": redis_url, "timeout_ms": 200, "breaker_reset_s": 0.05,
                   "breaker_failures": 2},
         "cache": {"default_ttl_s": 300, "max_body_bytes": 4096},
-        "routes": [
-            {"name": "transactions", "match": "GET /transactions", "mode": "override",
-             "ttl_s": 300, "scope": "user",
-             "tags": ["session:{query.session_id}", "views:{user}:{query.session_id|all}"]},
-            {"name": "summary", "match": "GET /summary", "mode": "override", "ttl_s": 1800,
-             "scope": "user",
-             "tags": ["session:{query.session_id}", "views:{user}:{query.session_id|all}"]},
-            {"name": "category-summary", "match": "GET /category-summary", "mode": "override",
-             "ttl_s": 1800, "scope": "user",
-             "tags": ["session:{query.session_id}", "views:{user}:{query.session_id|all}"]},
-            {"name": "sessions", "match": "GET /sessions", "mode": "override", "ttl_s": 600,
-             "scope": "user", "tags": ["sessions:{user}"]},
-            {"name": "rules", "match": "GET /rules", "mode": "override", "ttl_s": 3600,
-             "scope": "user", "tags": ["rules:{user}"]},
-            {"name": "programmed", "match": "GET /p/*", "mode": "honor", "scope": "public"},
-        ],
-        "invalidate": [
-            {"match": "PUT /transactions/{id}",
-             "tags": ["session:{response.json.session_id}", "views:{user}:all",
-                      "sessions:{user}"]},
-            {"match": "POST /bulk-categorise",
-             "tags": ["session:{request.json.session_id}", "views:{user}:all",
-                      "sessions:{user}", "rules:{user}"]},
-        ],
+        "routes": [*shipped["routes"],
+                   {"name": "programmed", "match": "GET /p/*", "mode": "honor",
+                    "scope": "public"}],
+        "invalidate": shipped["invalidate"],
         "log": {"format": "json"},
     }
     for key, value in overrides.items():
@@ -114,8 +97,6 @@ def base_config(upstream_url: str, redis_url: str, /, **overrides: Any) -> dict[
     return cfg
 
 
-def make_config(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
-    return parse_config(doc, env or {"CACHE_KEY_SECRET": "test-secret-0123456789"})
 
 
 @pytest.fixture
@@ -144,6 +125,12 @@ SUPER_TOKEN = "example-super-token-1"
 AS_READER = {"Authorization": f"Bearer {READ_TOKEN}"}
 AS_PURGER = {"Authorization": f"Bearer {PURGE_TOKEN}"}
 AS_SUPERUSER = {"Authorization": f"Bearer {SUPER_TOKEN}"}
+
+
+def make_config(doc: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    return parse_config(doc, env or {"CACHE_KEY_SECRET": "test-secret-0123456789",
+                                     "CACHE_ADMIN_TOKEN": PURGE_TOKEN,
+                                     "CACHE_SUPERUSER_TOKEN": SUPER_TOKEN})
 
 
 def shipped_env(stub: TestServer, redis_server: RedisServer) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestClient
 
-from proxy.app import ADMIN, FLOW, STORE, _push_stats
+from proxy.app import ADMIN, INVALIDATOR, KEYSPACE, STATS, push_stats
 
 from .conftest import (
     ALICE,
@@ -18,6 +18,7 @@ from .conftest import (
     BOB,
     PURGE_TOKEN,
     SUPER_TOKEN,
+    MakeProxy,
     StubControl,
 )
 from .procs import RedisServer
@@ -101,7 +102,7 @@ async def test_stats_for_this_instance_and_all(shipped: TestClient[Any, Any]) ->
     assert stats["redis"]["entries_by_route"]["sessions"] == 2
     assert stats["redis"]["used_memory"] > 0
     assert shipped.app is not None
-    await _push_stats(shipped.app[FLOW], shipped.app[STORE], shipped.app[ADMIN].instance)
+    await push_stats(shipped.app[STATS], shipped.app[KEYSPACE], shipped.app[ADMIN].instance)
     stats = await (await shipped.get("/cache/stats", headers=AS_READER)).json()
     assert stats["cluster"]["instances"] == 1
     assert stats["cluster"]["by_route"]["sessions"]["hits"] == 2
@@ -231,4 +232,46 @@ async def test_purge_with_redis_down_is_deferred(shipped: TestClient[Any, Any],
     assert resp.status == 503
     assert (await resp.json())["deferred"] is True
     assert shipped.app is not None
-    assert shipped.app[FLOW].pending
+    assert shipped.app[INVALIDATOR].pending
+
+
+# -- explain walks the request's own plan ---------------------------------------------------------
+
+EXPLAIN_ROUTES = [
+    {"name": "raw", "match": "GET /p/raw/*", "mode": "honor",
+     "honor_request_directives": False},
+    {"name": "mine", "match": "GET /p/mine/*", "mode": "honor", "scope": "user"},
+    {"name": "programmed", "match": "GET /p/*", "mode": "honor"},
+]
+ETAG = [["Cache-Control", "max-age=600"], ["ETag", '"e"']]
+SWR = [["Cache-Control", "max-age=10, stale-while-revalidate=600"], ["Age", "20"]]
+# (program, its headers, url, request headers, explain's prediction, the X-Cache it gets)
+EXPLAINED: list[tuple[str, list[list[str]], str, dict[str, str], str, str]] = [
+    ("e", ETAG, "/p/e", {}, "miss", "MISS"),
+    ("e", ETAG, "/p/e", {}, "hit", "HIT"),
+    ("e", ETAG, "/p/e", {"Cache-Control": "no-cache"}, "revalidate", "REVALIDATED"),
+    ("e", ETAG, "/p/e", {"Cache-Control": "max-age=0"}, "revalidate", "REVALIDATED"),
+    ("e", ETAG, "/p/e", {"Range": "bytes=0-1"}, "pass", "PASS"),
+    ("n", ETAG, "/p/n", {"Cache-Control": "only-if-cached"}, "pass", "PASS"),
+    ("ns", [["Cache-Control", "no-store"]], "/p/ns", {}, "miss", "UNCACHEABLE"),
+    ("ns", [["Cache-Control", "no-store"]], "/p/ns", {}, "uncacheable", "UNCACHEABLE"),
+    ("s", SWR, "/p/s", {}, "miss", "MISS"),
+    ("s", SWR, "/p/s", {}, "stale", "STALE"),
+    ("raw", ETAG, "/p/raw/x", {}, "miss", "MISS"),
+    # The route ignores request directives: explain must too.
+    ("raw", ETAG, "/p/raw/x", {"Cache-Control": "no-cache"}, "hit", "HIT"),
+    ("mine", ETAG, "/p/mine/x", {}, "pass", "PASS"),
+]
+
+
+async def test_explain_predicts_what_the_request_gets(make_proxy: MakeProxy,
+                                                      stubctl: StubControl) -> None:
+    proxy = await make_proxy(routes=EXPLAIN_ROUTES)
+    for name, program, url, headers, would_be, outcome in EXPLAINED:
+        await stubctl.program(name, headers=program, body="b")
+        explained = await (await proxy.get("/cache/explain", params={"url": url},
+                                           headers={**AS_PURGER, **headers})).json()
+        assert explained["would_be"] == would_be, (url, headers, explained)
+        resp = await proxy.get(url, headers=headers)
+        await resp.read()
+        assert resp.headers["X-Cache"] == outcome, (url, headers, explained)

@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
-from proxy.app import FLOW
+from proxy.app import INVALIDATOR
 
 from .conftest import ALICE, BOB, MakeProxy, StubControl
 from .procs import RedisServer
@@ -112,12 +112,12 @@ async def test_surrogate_keys_tag_entries_and_are_stripped(make_proxy: MakeProxy
     assert "Surrogate-Key" not in miss.headers
     assert "Cache-Tag" not in miss.headers
     await (await proxy.get("/p/other")).read()
-    flow = proxy.app[FLOW] if proxy.app is not None else None
-    assert flow is not None
-    assert await flow.invalidate(["shelf-9"], reason="test") == ""
+    assert proxy.app is not None
+    invalidator = proxy.app[INVALIDATOR]
+    assert await invalidator.invalidate(["shelf-9"], reason="test") == ""
     assert (await proxy.get("/p/sk")).headers["X-Cache"] == "MISS"
     assert (await proxy.get("/p/other")).headers["X-Cache"] == "HIT"
-    await flow.invalidate(["catalogue"], reason="test")
+    await invalidator.invalidate(["catalogue"], reason="test")
     assert (await proxy.get("/p/sk")).headers["X-Cache"] == "MISS"
     assert (await proxy.get("/p/other")).headers["X-Cache"] == "MISS"
 
@@ -215,8 +215,8 @@ async def _read_your_write_with_fault(proxy: TestClient[Any, Any], fault: Any,
     assert put.status == 200  # the write went through; its invalidation could not
     assert "detail=invalidation-pending" in put.headers["Cache-Status"]
     assert proxy.app is not None
-    flow = proxy.app[FLOW]
-    assert flow.pending
+    invalidator = proxy.app[INVALIDATOR]
+    assert invalidator.pending
     for _ in range(2):  # while Redis is away, and once it is back
         for p in ALICE_S1:
             resp = await proxy.get(p, headers=ALICE)
@@ -225,8 +225,8 @@ async def _read_your_write_with_fault(proxy: TestClient[Any, Any], fault: Any,
             assert body["data_version"] > before["data_version"], (p, resp.headers)
         await recover()
     # The replay loop gets the invalidation through once Redis (and the breaker) let it.
-    await asyncio.wait_for(flow.replayed.wait(), timeout=15)
-    assert not flow.pending
+    await asyncio.wait_for(invalidator.replayed.wait(), timeout=15)
+    assert not invalidator.pending
     for p in ALICE_S1:
         resp = await proxy.get(p, headers=ALICE)
         assert (await resp.json())["data_version"] > before["data_version"]

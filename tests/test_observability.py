@@ -19,7 +19,7 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import ADMIN, FLOW, STORE, _push_stats
+from proxy.app import ADMIN, KEYSPACE, STATS, push_stats
 from proxy.config import load_config, parse_config
 from proxy.schema import config_schema
 
@@ -188,7 +188,7 @@ async def test_dashboard_shows_what_stats_says(shipped: TestClient[Any, Any]) ->
     await known_traffic(shipped)
     await shipped.delete("/cache/tags/rules:nothing", headers=AS_PURGER)
     assert shipped.app is not None
-    await _push_stats(shipped.app[FLOW], shipped.app[STORE], shipped.app[ADMIN].instance)
+    await push_stats(shipped.app[STATS], shipped.app[KEYSPACE], shipped.app[ADMIN].instance)
     stats = await (await shipped.get("/cache/stats", headers=AS_READER)).json()
     url = str(shipped.make_url("/cache/dashboard"))
     async with Browser() as browser:

@@ -1,0 +1,169 @@
+"""Delivery: the answer a client gets, whatever produced it. Header composition (X-Cache,
+Cache-Status, Age, the request id), 304s to the client's own conditionals, streaming from the
+upstream, interim 1xx responses, and the short JSON errors.
+
+Each method records what it answered in the request's ``Ctx``: the cache status, the HTTP
+status and the bytes served from the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from http import HTTPStatus
+
+from aiohttp import web
+from multidict import CIMultiDict, MutableMultiMapping
+
+from . import policy
+from .config import CacheConfig
+from .context import Ctx
+from .entry import Entry
+from .errors import UpstreamError
+from .metrics import Metrics
+from .outcome import CacheStatus, Outcome
+from .upstream import UpstreamResponse
+
+_INTERNAL_RESPONSE_FIELDS = frozenset({"x-cache"})
+_SURROGATE_FIELDS = ("Surrogate-Key", "Cache-Tag")
+_FROM_CACHE = frozenset({Outcome.HIT, Outcome.STALE, Outcome.COALESCED, Outcome.REVALIDATED})
+
+
+class Delivery:
+    def __init__(self, cfg: CacheConfig, metrics: Metrics) -> None:
+        self.name = cfg.status_name
+        self.keep_surrogate = cfg.keep_surrogate_headers
+        self.metrics = metrics
+
+    def cache_headers(self, headers: MutableMultiMapping[str], ctx: Ctx,
+                      status: CacheStatus) -> None:
+        """X-Cache, this cache's RFC 9211 Cache-Status member (after any upstream ones) and
+        the request id."""
+        headers["X-Cache"] = status.x_cache
+        member = status.cache_status(self.name)
+        existing = headers.getall("Cache-Status", [])
+        if existing:
+            del headers["Cache-Status"]
+            headers["Cache-Status"] = ", ".join([*existing, member])
+        else:
+            headers["Cache-Status"] = member
+        headers["X-Request-ID"] = ctx.rid
+
+    def entry(self, ctx: Ctx, entry: Entry, age: float, status: CacheStatus,
+              fields: tuple[tuple[str, str], ...] | None = None) -> web.Response:
+        """Answer from an entry. ``fields`` replaces the stored header section when the
+        response was just fetched: the client that caused the fetch gets every end-to-end
+        field, including those the store left out (qualified no-cache / private)."""
+        ctx.cache = status
+        req = ctx.request
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in (entry.headers if fields is None else fields)
+            if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
+        if not self.keep_surrogate:
+            for name in _SURROGATE_FIELDS:
+                headers.popall(name, None)
+        headers["Age"] = str(min(int(age), policy.DELTA_MAX))
+        self.cache_headers(headers, ctx, status)
+        if entry.status == 200 and policy.not_modified(list(req.headers.items()), entry.headers):
+            keep = CIMultiDict((k, v) for k, v in headers.items()
+                               if k.lower() in policy.NOT_MODIFIED_FIELDS)
+            for name in ("Age", "X-Cache", "Cache-Status", "X-Request-ID"):
+                keep[name] = headers[name]
+            ctx.http_status = 304
+            return web.Response(status=304, headers=keep)
+        ctx.http_status = entry.status
+        if req.method != "HEAD" and status.outcome in _FROM_CACHE:
+            ctx.served_bytes = len(entry.body)
+        return web.Response(status=entry.status, headers=headers, body=entry.body)
+
+    def buffered(self, ctx: Ctx, up_status: int, up_headers: list[tuple[str, str]],
+                 body: bytes, status: CacheStatus) -> web.Response:
+        """An upstream response read whole (a write whose JSON a rule needed)."""
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in policy.end_to_end(up_headers)
+            if k.lower() not in ("content-length", "x-cache"))
+        ctx.cache = status
+        self.cache_headers(headers, ctx, status)
+        ctx.http_status = up_status
+        return web.Response(status=up_status, headers=headers, body=body)
+
+    async def stream(self, ctx: Ctx, up: UpstreamResponse, status: CacheStatus,
+                     prefix: bytes = b"") -> web.StreamResponse:
+        """Stream an upstream response through (``prefix``: what was read of it already)."""
+        ctx.cache = status
+        req = ctx.request
+        resp = web.StreamResponse(status=up.status, reason=up.reason or None)
+        for k, v in policy.end_to_end(up.headers):
+            if k.lower() not in ("content-length", "x-cache"):
+                resp.headers.add(k, v)
+        self.cache_headers(resp.headers, ctx, status)
+        if up.content_length is not None and \
+                policy.get_first(up.headers, "transfer-encoding") is None:
+            resp.content_length = up.content_length
+        ctx.http_status = up.status
+        try:
+            await resp.prepare(req)
+            if req.method == "HEAD" or up.status in (204, 304):
+                up.close() if prefix else up.release()
+                await resp.write_eof()
+                return resp
+            if prefix:
+                await resp.write(prefix)
+            async for chunk in up.chunks():
+                await resp.write(chunk)
+            up.release()
+            await resp.write_eof()
+        except UpstreamError as e:
+            # Headers are gone already: cut the client's connection so it sees the failure
+            # instead of a short body that looks complete.
+            ctx.error = f"upstream-{e.kind}-mid-body"
+            ctx.cache = CacheStatus(Outcome.ERROR, "upstream-mid-body")
+            self.metrics.upstream_errors.labels(e.kind).inc()
+            if req.transport is not None:
+                req.transport.close()
+        except (ConnectionError, asyncio.CancelledError) as e:
+            up.close()
+            ctx.error = "client-disconnected"
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        return resp
+
+    def interim(self, ctx: Ctx, up: UpstreamResponse) -> None:
+        """Hand the upstream's interim responses (103 Early Hints, 102 Processing) to the
+        client, ahead of the final one. aiohttp has no API for them; nothing of this
+        request's response has been written yet, so they can go straight to the transport.
+        HTTP/1.0 clients never get them (RFC 9110 §15.2)."""
+        req = ctx.request
+        if ctx.detached or ctx.http_status or req.version != (1, 1) or \
+                req.transport is None or req.transport.is_closing():
+            return
+        for code, reason, headers in up.interim:
+            lines = [f"HTTP/1.1 {code} {reason or _phrase(code)}"]
+            lines += [f"{k}: {v}" for k, v in policy.end_to_end(headers)]
+            req.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def upstream_error(self, ctx: Ctx, e: UpstreamError) -> web.Response:
+        ctx.cache = CacheStatus(Outcome.ERROR, f"upstream-{e.kind}")
+        return self.json_error(ctx, e.status, f"upstream_{e.kind}",
+                               "the upstream timed out" if e.status == 504
+                               else "the upstream could not be reached or failed")
+
+    def not_cached(self, ctx: Ctx) -> web.Response:
+        ctx.cache = CacheStatus(Outcome.PASS, "only-if-cached", fwd="request")
+        return self.json_error(ctx, 504, "not_cached",
+                               "only-if-cached was requested and nothing usable is stored")
+
+    def json_error(self, ctx: Ctx, status: int, code: str, message: str) -> web.Response:
+        headers: CIMultiDict[str] = CIMultiDict({"Cache-Control": "no-store"})
+        self.cache_headers(headers, ctx, ctx.cache)
+        ctx.http_status = status
+        body = json.dumps({"error": code, "message": message, "request_id": ctx.rid})
+        return web.Response(status=status, text=body, content_type="application/json",
+                            headers=headers)
+
+
+def _phrase(code: int) -> str:
+    try:
+        return HTTPStatus(code).phrase
+    except ValueError:
+        return "Informational"

@@ -1,0 +1,153 @@
+"""The backend side of a fill: fetch upstream, walk the verdict (``verdict``), store what may
+be stored. Returns what to deliver, one of:
+
+    FromEntry(entry, age, status, fields)   buffered: stored, revalidated, or stale standing in
+    Streamed(up, status, prefix)             not stored: the upstream response streams through
+    Failed(error)                            the upstream failed and nothing may stand in
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+from . import policy, verdict
+from .config import CacheConfig
+from .context import Ctx
+from .entry import Entry
+from .errors import StoreUnavailable, UpstreamError
+from .forward import Forwarder
+from .metrics import Metrics
+from .outcome import CacheStatus, Outcome
+from .plan import Keyed
+from .stats import Stats
+from .store import Lookup, Store
+from .upstream import UpstreamResponse
+
+
+@dataclass(frozen=True, slots=True)
+class FromEntry:
+    entry: Entry
+    age: float
+    status: CacheStatus
+    fields: tuple[tuple[str, str], ...] | None = None  # delivered instead of entry.headers
+    stored: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    up: UpstreamResponse
+    status: CacheStatus
+    prefix: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: UpstreamError
+
+
+Fetched = FromEntry | Streamed | Failed
+
+
+class Fetcher:
+    def __init__(self, cfg: CacheConfig, store: Store, forwarder: Forwarder, metrics: Metrics,
+                 stats: Stats, *, fill_limit_s: float) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.stats = stats
+        self.fill_limit_s = fill_limit_s  # older lookups may predate a forgotten purge
+
+    async def fetch(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, stale: Entry | None, *,
+                    validate: bool) -> Fetched:
+        """Fetch for the cache: a GET (also for HEAD, so the entry fills), without the
+        client's conditionals (the cache answers those itself)."""
+        headers = self.forwarder.headers_for(ctx.request, strip_conditionals=True)
+        if validate and stale is not None:
+            headers += policy.validators_for(stale.headers)
+        try:
+            up = await self.forwarder.send(ctx, "GET", headers)
+        except UpstreamError as e:
+            return _failed(keyed, stale, e)
+        v = verdict.on_response(keyed, up, stale, validate=validate, cfg=self.cfg,
+                                now=time.time())
+        match v:
+            case verdict.Refetch():
+                up.release()
+                return await self.fetch(ctx, keyed, lookup, None, validate=False)
+            case verdict.Revalidated():
+                up.release()
+                return await self._revalidated(keyed, lookup, v)
+            case verdict.Stale():
+                up.close()
+                return FromEntry(v.entry, v.age, v.status)
+            case verdict.Uncacheable():
+                await self._hit_for_miss(keyed, v)
+                return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, v.reason,
+                                                fwd_status=up.status))
+            case verdict.Store():
+                return await self._store(ctx, keyed, lookup, stale, up, v)
+
+    async def _store(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, stale: Entry | None,
+                     up: UpstreamResponse, v: verdict.Store) -> Fetched:
+        try:
+            body, complete = await up.read_up_to(self.cfg.max_body_bytes)
+        except UpstreamError as e:
+            self.metrics.upstream_errors.labels(e.kind).inc()
+            ctx.error = f"upstream-{e.kind}"
+            return _failed(keyed, stale, e)
+        full = verdict.on_body(v, body, complete)
+        if isinstance(full, verdict.Uncacheable):
+            await self._hit_for_miss(keyed, full)
+            return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, full.reason,
+                                            fwd_status=up.status), body)
+        up.release()
+        entry = full.entry
+        stored, why = await self._save(keyed, lookup, entry, full.ttl)
+        now = time.time()
+        status = verdict.stored_status(entry, Outcome.MISS, now=now, stored=stored, why=why,
+                                       fwd_status=up.status,
+                                       fwd="vary-miss" if lookup.vary else None)
+        fields = tuple(policy.fetched_fields(up.headers, entry.response_time))
+        return FromEntry(entry, entry.age(now), status, fields, stored)
+
+    async def _revalidated(self, keyed: Keyed, lookup: Lookup,
+                           v: verdict.Revalidated) -> FromEntry:
+        stored, why = False, "stale-on-arrival"
+        if v.ttl > 0:
+            stored, why = await self._save(keyed, lookup, v.entry, v.ttl)
+        now = time.time()
+        status = verdict.stored_status(v.entry, Outcome.REVALIDATED, now=now, stored=stored,
+                                       why=why, fwd_status=304)
+        return FromEntry(v.entry, v.entry.age(now), status, stored=stored)
+
+    async def _save(self, keyed: Keyed, lookup: Lookup, entry: Entry,
+                    ttl: float) -> tuple[bool, str]:
+        if time.time() - lookup.epoch_us / 1e6 > self.fill_limit_s:
+            return False, "fill-too-slow"
+        try:
+            ok = await self.store.save(lookup, keyed.primary, entry, ttl)
+        except StoreUnavailable as e:
+            return False, f"redis-{e.kind}"
+        if not ok:
+            return False, "invalidated-during-fill"
+        self.metrics.stored.labels(keyed.route.name).inc()
+        self.stats.stored(keyed.route.name)
+        return True, ""
+
+    async def _hit_for_miss(self, keyed: Keyed, v: verdict.Uncacheable) -> None:
+        """Remember for a while that this key's responses cannot be stored, so that later
+        requests go straight upstream instead of queueing behind one another."""
+        if self.cfg.hit_for_miss_s <= 0 or not v.remembered:
+            return
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.hit_for_miss(keyed.primary, v.reason, self.cfg.hit_for_miss_s)
+
+
+def _failed(keyed: Keyed, stale: Entry | None, e: UpstreamError) -> Fetched:
+    v = verdict.on_error(keyed, stale, e, time.time())
+    if isinstance(v, verdict.Stale):
+        return FromEntry(v.entry, v.age, v.status)
+    return Failed(v.error)
