@@ -1,8 +1,9 @@
 """``make bench-purge``: the cost of purging one tag as unrelated entries grow 1k -> 1M.
 
 Fills a private redis-server through the proxy's own Store (the real save script, with the
-real tag indexes: ~all, the route, path prefixes, a URL tag and a group tag per entry), then
-for each size stores 100 entries under one tag and times purging that tag, several rounds.
+real tag generations and indexes, over the virtual shards: ~all, the route, path prefixes, a
+URL tag and a group tag per entry), then for each size stores 100 entries under one tag and
+times purging that tag (every shard), several rounds.
 The ratio against the smallest size should stay near 1: a purge costs what it deletes, not
 the size of the keyspace. For contrast, each size also times the seed's way, a pattern SCAN
 over the keyspace (only finding the keys, not deleting them).
@@ -19,11 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from proxy import keys
+from proxy import keys, scripts
 from proxy.config import RedisConfig
 from proxy.entry import Entry
+from proxy.layout import Layout
 from proxy.redisconn import RedisConn
-from proxy.store import Lookup, Store
+from proxy.store import Store
 from tests.procs import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,33 +51,31 @@ async def _epoch(store: Store) -> int:
     return int(seconds) * 1_000_000 + int(micros)
 
 
+def _primary(name: str) -> str:
+    return keys.primary_key("/bench/" + name, "", keys.PUBLIC_SCOPE)
+
+
 async def _fill(store: Store, start: int, stop: int) -> None:
     """Store entries start..stop-1, pipelined (the same script the proxy runs per fill)."""
+    for s in store.layout.shards:  # the first lookup in a shard makes its marker
+        await store.lookup(f"{s.index:08x}" + "0" * 24, lambda _: None)
     epoch = await _epoch(store)
-    await store.mark_boot(0)
     for lo in range(start, stop, BATCH):
-        pipe = store.redis.pipeline(transaction=False)
-        for i in range(lo, min(lo + BATCH, stop)):
-            tags = _tags(i)
-            entry = _entry(i, tags)
-            all_tags = ["~all", *tags]
-            k = [store.entry_key(f"b{i}"), store.entry_key(f"b{i}")]
-            k += [store.tag_key(t) for t in all_tags] + [store.tombstone_key(t) for t in all_tags]
-            await store._save(keys=k, args=[entry.meta_bytes(), entry.body, 3_600_000, epoch,
-                                            len(all_tags), "", store.prefix], client=pipe)
-        await pipe.execute()
+        calls = [store.save_call(_primary(f"b{i}"), _entry(i, _tags(i)), 3600.0, epoch)
+                 for i in range(lo, min(lo + BATCH, stop))]
+        await store._eval_many(scripts.SAVE, calls)
 
 
 async def _round(store: Store, round_no: int) -> float:
     tag = f"victim-{round_no}"
     for v in range(VICTIMS):
         i = 10_000_000 + round_no * VICTIMS + v
-        tags = _tags(i, tag)
-        lookup = Lookup(store.entry_key(f"v{i}"), None, await _epoch(store))
-        ok = await store.save(lookup, f"v{i}", _entry(i, tags), 3600.0)
+        primary = _primary(f"v{i}")
+        lookup = await store.lookup(primary, lambda _: None)
+        ok = await store.save(lookup, primary, _entry(i, _tags(i, tag)), 3600.0)
         assert ok
     started = time.perf_counter()
-    deleted = await store.purge_tags([tag], tombstone_ttl_ms=600_000)
+    deleted = await store.purge_tags([tag])
     elapsed = time.perf_counter() - started
     assert deleted == VICTIMS, deleted
     return elapsed
@@ -95,8 +95,10 @@ async def main() -> int:
     rounds = int(os.environ.get("BENCH_PURGE_ROUNDS", "15"))
     sizes = [s for s in (1_000, 10_000, 100_000, 1_000_000) if s <= top]
     server = RedisServer().start()
-    conn = RedisConn(RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000))
-    store = Store(conn)
+    cfg = RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000)
+    conn = RedisConn(cfg)
+    store = Store(conn, Layout(cfg.prefix, cfg.shards), lock_ms=1000)
+    await store.start()
     results: list[dict[str, float]] = []
     try:
         have = 0

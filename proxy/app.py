@@ -14,9 +14,11 @@ from .admin import Admin, new_instance_id
 from .coalesce import Coalescer
 from .config import Config
 from .errors import StoreUnavailable
+from .feed import Feed, Node
 from .flow import Flow
 from .invalidator import Invalidator
 from .keyspace import Keyspace
+from .layout import Layout, Shard
 from .log import get as get_logger
 from .metrics import Metrics
 from .redisconn import RedisConn
@@ -32,6 +34,7 @@ STORE = web.AppKey("store", Store)
 KEYSPACE = web.AppKey("keyspace", Keyspace)
 UPSTREAM = web.AppKey("upstream", Upstream)
 COALESCER = web.AppKey("coalescer", Coalescer)
+FEED = web.AppKey("feed", Feed)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
 FLOW = web.AppKey("flow", Flow)
 ADMIN = web.AppKey("admin", Admin)
@@ -58,15 +61,21 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     metrics = metrics or Metrics()
     stats = Stats()
     conn = RedisConn(config.redis, observer=metrics.redis_op)
-    store = Store(conn)
+    layout = Layout(config.redis.prefix, config.redis.shards)
+    store = Store(conn, layout, lock_ms=config.cache.coalesce_lock_ms)
     upstream = Upstream(config.upstream, via=f"1.1 {config.cache.status_name}",
                         strip=config.server.strip_request_headers)
-    coalescer = Coalescer(store, wait_s=config.cache.coalesce_wait_ms / 1000,
-                          lock_ms=config.cache.coalesce_lock_ms)
+    coalescer = Coalescer(store, wait_s=config.cache.coalesce_wait_ms / 1000)
+
+    async def topology() -> list[tuple[Node, tuple[Shard, ...]]]:
+        return [(conn.node(), layout.shards)]
+
+    feed = Feed(topology, sharded=lambda: store.publish == "SPUBLISH",
+                connect_timeout_s=config.redis.connect_timeout_ms / 1000)
+    feed.listeners.append(coalescer)
     invalidator = Invalidator(store, metrics, stats,
                               wait_ms=config.cache.invalidation_wait_ms,
-                              max_entry_ttl_s=config.cache.max_entry_ttl_s,
-                              upstream_timeout_s=config.upstream.timeout_s)
+                              max_entry_ttl_s=config.cache.max_entry_ttl_s)
     flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats)
     keyspace = Keyspace(store)
     app[CONFIG] = config
@@ -77,6 +86,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[KEYSPACE] = keyspace
     app[UPSTREAM] = upstream
     app[COALESCER] = coalescer
+    app[FEED] = feed
     app[INVALIDATOR] = invalidator
     app[FLOW] = flow
     app[ADMIN] = Admin(config, flow, invalidator, keyspace, conn, metrics, stats,
@@ -103,7 +113,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                     "shared by all instances in production")
     await app[UPSTREAM].start()
     await conn.warm()
-    await app[COALESCER].start(ready_timeout_s=2 * config.redis.connect_timeout_ms / 1000)
+    await app[STORE].start()
+    await app[FEED].start(ready_timeout_s=2 * config.redis.connect_timeout_ms / 1000)
     instance = app[ADMIN].instance
     tasks = [asyncio.create_task(_replay_loop(app[INVALIDATOR]), name="replay-invalidations"),
              asyncio.create_task(_stats_loop(app[STATS], app[KEYSPACE], instance),
@@ -119,7 +130,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             task.cancel()
         await asyncio.gather(*tasks, *flow.background, return_exceptions=True)
         await push_stats(app[STATS], app[KEYSPACE], instance)
-        await app[COALESCER].close()
+        await app[FEED].close()
         await app[UPSTREAM].close()
         redis_closed = True
         try:

@@ -1,18 +1,21 @@
 """One upstream fetch per key at a time, in this process and across processes.
 
-    step = coalescer.join(key)          # decided at once, no I/O
+    step = coalescer.join(key, lock)    # decided at once, no I/O
     Follow: stored = await coalescer.follow(step)   # another request here is fetching
     Lead:   async with step as lead:                # this request fetches
                 if lead.remote: found = await coalescer.wait_remote(key, recheck)
+                if lead.relook: ... look the key up again before fetching
                 ...; lead.stored = True
 
 In-process, the first request for a key leads and later ones follow its future. Across
-processes, the leader also takes a lock in Redis (a crashed holder's lock expires); a
-process that finds the lock taken waits for the holder's "filled" message (an event, not
-polling), then looks the key up again. Every wait is bounded: a waiter that times out
-fetches for itself. Leaving the ``async with`` tells followers what happened and releases
-the lock, under a shield: a cancelled leader still releases, and its followers fetch for
-themselves.
+processes, the leader holds the key's fill lock in Redis: taken by the lookup itself when
+nothing usable was stored (atomically with finding nothing), else on entering the lead, and
+then the leader looks again, since another process may have filled the key meanwhile. A
+process that finds the lock taken waits for the holder's "filled" announcement on the feed
+(an event, not polling), then looks the key up again. Every wait is bounded: a waiter that
+times out fetches for itself. Leaving the ``async with`` tells followers what happened and
+releases the lock (unless the save already did), under a shield: a cancelled leader still
+releases, and its followers fetch for themselves.
 
 Knows nothing of HTTP; every Redis command it needs is in ``store``.
 """
@@ -21,14 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
 from .errors import StoreUnavailable
+from .layout import Shard
 from .log import get as get_logger
-from .store import Store
+from .store import FillLock, Store
 
 log = get_logger("coalesce")
 
@@ -44,16 +49,19 @@ class Follow:
 class Lead:
     """This request fetches the key (see the module's docstring)."""
 
-    def __init__(self, coalescer: Coalescer, key: str, flight: asyncio.Future[bool]) -> None:
+    def __init__(self, coalescer: Coalescer, key: str, flight: asyncio.Future[bool],
+                 lock: FillLock | None) -> None:
         self._coalescer = coalescer
         self.key = key
         self.flight = flight
+        self.lock = lock  # the fill lock while held (released by a save, or on leaving)
         self.remote = False  # another process holds the lock: wait for its fill first
+        self.relook = False  # the lock was taken after the lookup: look again first
         self.stored = False  # set by the leader: followers then read the entry back
-        self.token: str | None = None  # of the lock, while held
 
     async def __aenter__(self) -> Lead:
-        await self._coalescer._lock(self)
+        if self.lock is None:
+            await self._coalescer._lock(self)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
@@ -66,49 +74,40 @@ class Lead:
 
 
 class Coalescer:
-    def __init__(self, store: Store, *, wait_s: float, lock_ms: int) -> None:
+    """Also a feed listener: fill announcements wake the waiters of their key."""
+
+    def __init__(self, store: Store, *, wait_s: float) -> None:
         self.store = store
         self.wait_s = wait_s
-        self.lock_ms = lock_ms
+        self.listening = False  # the feed is up: other processes' fills can wake us
         self._flights: dict[str, asyncio.Future[bool]] = {}
         self._remote: dict[str, list[asyncio.Future[None]]] = {}
-        self._listener: asyncio.Task[None] | None = None
-        self.listening = asyncio.Event()
+        self._tokens = itertools.count()
+        self._token_prefix = secrets.token_hex(6) + "-"
 
-    # -- lifecycle -------------------------------------------------------------------------------
+    def token(self) -> str | None:
+        """A fresh lock token, or None when no other process could be woken (then every
+        process leads on its own)."""
+        return f"{self._token_prefix}{next(self._tokens):x}" if self.listening else None
 
-    async def start(self, ready_timeout_s: float = 1.0) -> None:
-        """Start listening for fills; wait (bounded) until subscribed, so that the first
-        requests already coalesce across processes. Without Redis, start anyway."""
-        self._listener = asyncio.create_task(self._listen(), name="coalesce-listener")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.listening.wait(), ready_timeout_s)
+    # -- the feed ----------------------------------------------------------------------------
 
-    async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._listener
-        for key in list(self._remote):
-            self._wake(key)
+    def on_fill(self, primary: str) -> None:
+        self._wake(primary)
 
-    async def _listen(self) -> None:
-        """Keep one subscription to the fill messages; resubscribe after Redis failures."""
-        delay = 0.05
-        while True:
-            try:
-                async for key in self.store.fills(self.listening.set):
-                    delay = 0.05
-                    self._wake(key)
-            except StoreUnavailable:
-                pass
-            self.listening.clear()
-            # Waiters cannot count on a message that may have been lost: wake them all
-            # now; each looks the key up again or fetches for itself.
+    def on_purge(self, shard: Shard, tags: Sequence[str]) -> None:
+        pass
+
+    def on_flush(self) -> None:
+        pass
+
+    def on_state(self, up: bool) -> None:
+        self.listening = up
+        if not up:
+            # Waiters cannot count on an announcement that may have been lost: wake them
+            # all now; each looks the key up again or fetches for itself.
             for key in list(self._remote):
                 self._wake(key)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
     def _wake(self, key: str) -> None:
         for w in self._remote.pop(key, []):
@@ -117,14 +116,21 @@ class Coalescer:
 
     # -- leadership ------------------------------------------------------------------------------
 
-    def join(self, key: str) -> Lead | Follow:
-        """Lead the fetch of ``key`` in this process, or follow the request that does."""
+    def join(self, key: str, lock: FillLock | None = None) -> Lead | Follow:
+        """Lead the fetch of ``key`` in this process (``lock``: the fill lock the lookup
+        took), or follow the request that does (then release ``lock``, see ``release``)."""
         current = self._flights.get(key)
         if current is not None:
             return Follow(key, current)
         flight: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
-        return Lead(self, key, flight)
+        return Lead(self, key, flight, lock)
+
+    async def release(self, lock: FillLock | None) -> None:
+        """Give back a lock this request took but will not use."""
+        if lock is not None:
+            with contextlib.suppress(StoreUnavailable):  # else it expires by itself
+                await self.store.unlock(lock)
 
     async def follow(self, step: Follow) -> bool:
         """Whether the leader stored what it fetched; False when it failed, stored nothing
@@ -136,7 +142,7 @@ class Coalescer:
 
     async def wait_remote(self, key: str, recheck: Callable[[], Awaitable[bool]]) -> bool:
         """Wait for another process's fill of ``key``. ``recheck`` looks the key up and says
-        whether the entry is there now; it runs once after subscribing (the fill may have
+        whether the entry is there now; it runs once after registering (the fill may have
         finished before) and once after the wake-up. False: fetch for yourself."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._remote.setdefault(key, []).append(fut)
@@ -154,24 +160,22 @@ class Coalescer:
                     del self._remote[key]
 
     async def _lock(self, lead: Lead) -> None:
-        if not self.listening.is_set():
+        token = self.token()
+        if token is None:
             return  # nobody else could be woken: lead as if alone
-        token = secrets.token_hex(8)
         try:
-            got = await self.store.lock(lead.key, token, self.lock_ms)
+            got = await self.store.lock(lead.key, token)
         except StoreUnavailable:
             return  # no Redis: lead locally, as if alone
         if got:
-            lead.token = token
+            lead.lock = FillLock(lead.key, token)
+            lead.relook = True
         else:
             lead.remote = True
 
     async def _finish(self, lead: Lead) -> None:
         self._settle(lead, lead.stored)
-        if lead.token is not None:
-            token, lead.token = lead.token, None
-            with contextlib.suppress(StoreUnavailable):  # else the lock expires by itself
-                await self.store.unlock(lead.key, token)
+        await self.release(lead.lock)
 
     def _abandon(self, lead: Lead) -> None:
         """The leader was cancelled: followers fetch for themselves; the lock expires or is

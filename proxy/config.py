@@ -71,6 +71,7 @@ class RedisConfig:
     timeout_ms: int = 50
     connect_timeout_ms: int = 200
     prefix: str = "jcache"
+    shards: int = 16  # virtual shards (hash tags) the keys spread over
     max_connections: int = 64
     breaker_failures: int = 3
     breaker_reset_s: float = 1.0
@@ -458,6 +459,7 @@ def _redis(r: _Reader) -> RedisConfig:
         timeout_ms=r.integer("timeout_ms", d.timeout_ms, 1, 60_000),
         connect_timeout_ms=r.integer("connect_timeout_ms", d.connect_timeout_ms, 1, 60_000),
         prefix=r.text("prefix", d.prefix, pattern=r"[A-Za-z0-9_.:-]{1,64}"),
+        shards=r.integer("shards", d.shards, 1, 1024),
         max_connections=r.integer("max_connections", d.max_connections, 1),
         breaker_failures=r.integer("breaker_failures", d.breaker_failures, 1),
         breaker_reset_s=r.number("breaker_reset_s", d.breaker_reset_s, 0, exclusive_lo=True),

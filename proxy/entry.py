@@ -1,7 +1,8 @@
 """A stored response and its compact form in the store. Pure: no I/O.
 
 An entry is kept in Redis as a hash with the fields ``m`` (metadata, JSON), ``b`` (the body,
-raw bytes, never re-encoded) and, after a soft purge, ``p`` (the purge time in milliseconds).
+raw bytes, never re-encoded), ``g`` (its tags' generations, written and read by the store's
+scripts only) and, after a soft purge, ``p`` (the purge time in milliseconds).
 A primary key whose responses ``Vary`` holds a marker instead: a hash with the field ``v``
 (the varying header names); a key whose last response was uncacheable holds ``h``
 (hit-for-miss). Keeping the body out of the JSON spares a base64 round trip on every hit.
@@ -108,11 +109,16 @@ def decode(fields: Mapping[bytes, bytes]) -> Stored | None:
     body = fields.get(b"b")
     if meta_raw is None or body is None:
         raise EntryCorrupt("entry without metadata or body")
+    purged = fields.get(b"p")
+    return decode_entry(meta_raw, body, int(purged) / 1000.0 if purged else None)
+
+
+def decode_entry(meta_raw: bytes, body: bytes, purged_at: float | None) -> Entry:
+    """An entry from its metadata and body; EntryCorrupt when the metadata is unusable."""
     try:
         m = json.loads(meta_raw)
         if m.get("v") != FORMAT_VERSION:
             raise EntryCorrupt(f"unknown entry format {m.get('v')!r}")
-        purged = fields.get(b"p")
         return Entry(
             status=int(m["s"]),
             headers=tuple((str(k), str(v)) for k, v in m["h"]),
@@ -129,7 +135,7 @@ def decode(fields: Mapping[bytes, bytes]) -> Stored | None:
             route=str(m["r"]),
             tags=tuple(str(t) for t in m["t"]),
             vary=tuple((str(n), None if v is None else str(v)) for n, v in m["vy"]),
-            purged_at=int(purged) / 1000.0 if purged else None,
+            purged_at=purged_at,
         )
     except EntryCorrupt:
         raise

@@ -22,7 +22,7 @@ from .metrics import Metrics
 from .outcome import CacheStatus, Outcome
 from .plan import Keyed
 from .stats import Stats
-from .store import Lookup, Store
+from .store import FillLock, Lookup, Store
 from .upstream import UpstreamResponse
 
 
@@ -52,18 +52,18 @@ Fetched = FromEntry | Streamed | Failed
 
 class Fetcher:
     def __init__(self, cfg: CacheConfig, store: Store, forwarder: Forwarder, metrics: Metrics,
-                 stats: Stats, *, fill_limit_s: float) -> None:
+                 stats: Stats) -> None:
         self.cfg = cfg
         self.store = store
         self.forwarder = forwarder
         self.metrics = metrics
         self.stats = stats
-        self.fill_limit_s = fill_limit_s  # older lookups may predate a forgotten purge
 
     async def fetch(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, stale: Entry | None, *,
-                    validate: bool) -> Fetched:
+                    validate: bool, lock: FillLock | None = None) -> Fetched:
         """Fetch for the cache: a GET (also for HEAD, so the entry fills), without the
-        client's conditionals (the cache answers those itself)."""
+        client's conditionals (the cache answers those itself). ``lock``: the fill lock
+        held, released by the save (or the hit-for-miss marker) when there is one."""
         headers = self.forwarder.headers_for(ctx.request, strip_conditionals=True)
         if validate and stale is not None:
             headers += policy.validators_for(stale.headers)
@@ -76,22 +76,22 @@ class Fetcher:
         match v:
             case verdict.Refetch():
                 up.release()
-                return await self.fetch(ctx, keyed, lookup, None, validate=False)
+                return await self.fetch(ctx, keyed, lookup, None, validate=False, lock=lock)
             case verdict.Revalidated():
                 up.release()
-                return await self._revalidated(keyed, lookup, v)
+                return await self._revalidated(keyed, lookup, v, lock)
             case verdict.Stale():
                 up.close()
                 return FromEntry(v.entry, v.age, v.status)
             case verdict.Uncacheable():
-                await self._hit_for_miss(keyed, v)
+                await self._hit_for_miss(keyed, v, lock)
                 return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, v.reason,
                                                 fwd_status=up.status))
             case verdict.Store():
-                return await self._store(ctx, keyed, lookup, stale, up, v)
+                return await self._store(ctx, keyed, lookup, stale, up, v, lock)
 
     async def _store(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, stale: Entry | None,
-                     up: UpstreamResponse, v: verdict.Store) -> Fetched:
+                     up: UpstreamResponse, v: verdict.Store, lock: FillLock | None) -> Fetched:
         try:
             body, complete = await up.read_up_to(self.cfg.max_body_bytes)
         except UpstreamError as e:
@@ -100,12 +100,12 @@ class Fetcher:
             return _failed(keyed, stale, e)
         full = verdict.on_body(v, body, complete)
         if isinstance(full, verdict.Uncacheable):
-            await self._hit_for_miss(keyed, full)
+            await self._hit_for_miss(keyed, full, lock)
             return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, full.reason,
                                             fwd_status=up.status), body)
         up.release()
         entry = full.entry
-        stored, why = await self._save(keyed, lookup, entry, full.ttl)
+        stored, why = await self._save(keyed, lookup, entry, full.ttl, lock)
         now = time.time()
         status = verdict.stored_status(entry, Outcome.MISS, now=now, stored=stored, why=why,
                                        fwd_status=up.status,
@@ -113,22 +113,20 @@ class Fetcher:
         fields = tuple(policy.fetched_fields(up.headers, entry.response_time))
         return FromEntry(entry, entry.age(now), status, fields, stored)
 
-    async def _revalidated(self, keyed: Keyed, lookup: Lookup,
-                           v: verdict.Revalidated) -> FromEntry:
+    async def _revalidated(self, keyed: Keyed, lookup: Lookup, v: verdict.Revalidated,
+                           lock: FillLock | None) -> FromEntry:
         stored, why = False, "stale-on-arrival"
         if v.ttl > 0:
-            stored, why = await self._save(keyed, lookup, v.entry, v.ttl)
+            stored, why = await self._save(keyed, lookup, v.entry, v.ttl, lock)
         now = time.time()
         status = verdict.stored_status(v.entry, Outcome.REVALIDATED, now=now, stored=stored,
                                        why=why, fwd_status=304)
         return FromEntry(v.entry, v.entry.age(now), status, stored=stored)
 
-    async def _save(self, keyed: Keyed, lookup: Lookup, entry: Entry,
-                    ttl: float) -> tuple[bool, str]:
-        if time.time() - lookup.epoch_us / 1e6 > self.fill_limit_s:
-            return False, "fill-too-slow"
+    async def _save(self, keyed: Keyed, lookup: Lookup, entry: Entry, ttl: float,
+                    lock: FillLock | None) -> tuple[bool, str]:
         try:
-            ok = await self.store.save(lookup, keyed.primary, entry, ttl)
+            ok = await self.store.save(lookup, keyed.primary, entry, ttl, lock)
         except StoreUnavailable as e:
             return False, f"redis-{e.kind}"
         if not ok:
@@ -137,13 +135,15 @@ class Fetcher:
         self.stats.stored(keyed.route.name)
         return True, ""
 
-    async def _hit_for_miss(self, keyed: Keyed, v: verdict.Uncacheable) -> None:
+    async def _hit_for_miss(self, keyed: Keyed, v: verdict.Uncacheable,
+                            lock: FillLock | None) -> None:
         """Remember for a while that this key's responses cannot be stored, so that later
         requests go straight upstream instead of queueing behind one another."""
         if self.cfg.hit_for_miss_s <= 0 or not v.remembered:
             return
         with contextlib.suppress(StoreUnavailable):
-            await self.store.hit_for_miss(keyed.primary, v.reason, self.cfg.hit_for_miss_s)
+            await self.store.hit_for_miss(keyed.primary, v.reason, self.cfg.hit_for_miss_s,
+                                          lock)
 
 
 def _failed(keyed: Keyed, stale: Entry | None, e: UpstreamError) -> Fetched:

@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .outcome import CacheStatus, Outcome
 from .plan import Fill, Keyed, Next, NotCached, Pass, Planner, ReadPlan, Serve, decide
 from .stats import Stats
-from .store import Lookup, Store
+from .store import FillLock, Lookup, Store
 from .upstream import Upstream
 from .writes import Writes
 
@@ -68,8 +68,7 @@ class Flow:
         self.planner = Planner(config)
         self.deliver = Delivery(config.cache, metrics)
         self.forwarder = Forwarder(upstream, self.deliver, metrics, config.server)
-        self.fetcher = Fetcher(config.cache, store, self.forwarder, metrics, stats,
-                               fill_limit_s=invalidator.tombstone_ttl_ms / 1000)
+        self.fetcher = Fetcher(config.cache, store, self.forwarder, metrics, stats)
         self.writes = Writes(config.cache, self.planner, self.forwarder, invalidator,
                              self.deliver)
         self.recorder = Recorder(metrics, stats)
@@ -115,11 +114,14 @@ class Flow:
                 ctx.route = plan.route.name
             return await self.forwarder.forward(ctx, plan.status)
         ctx.route = plan.route.name
+        # Looking up takes the fill lock too when nothing usable is stored: one round trip.
+        token = None if plan.directives.only_if_cached else self.coalescer.token()
         try:
-            lookup = await self.store.lookup(plan.primary, plan.value_of)
+            lookup = await self.store.lookup(plan.primary, plan.value_of, token)
         except StoreUnavailable as e:
             return await self.forwarder.forward(ctx, CacheStatus(Outcome.BYPASS,
                                                                  f"redis-{e.kind}"))
+        lock = FillLock(plan.primary, token) if lookup.locked else None
         match self._decide(plan, lookup):
             case Serve(entry, age, status, refresh):
                 if refresh:
@@ -128,21 +130,23 @@ class Flow:
             case NotCached():
                 return self.deliver.not_cached(ctx)
             case Fill() as fill:
-                return await self._fill(ctx, plan, lookup, fill)
+                return await self._fill(ctx, plan, lookup, fill, lock)
 
     def _decide(self, keyed: Keyed, lookup: Lookup) -> Next:
         stored = lookup.stored
         blocked = isinstance(stored, Entry) and self.invalidator.blocks(stored)
         return decide(keyed, stored, blocked=blocked, now=time.time())
 
-    async def _fill(self, ctx: Ctx, keyed: Keyed, lookup: Lookup,
-                    fill: Fill) -> web.StreamResponse:
+    async def _fill(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill,
+                    lock: FillLock | None) -> web.StreamResponse:
         if not fill.coalesce:
+            await self.coalescer.release(lock)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
                                                validate=fill.validate)
             return await self._deliver(ctx, fetched, fill.detail)
-        step = self.coalescer.join(keyed.primary)
+        step = self.coalescer.join(keyed.primary, lock)
         if isinstance(step, Follow):
+            await self.coalescer.release(lock)
             # Wait for the leader; when it stored what it fetched, read that back from Redis
             # rather than taking the leader's copy: a write may have purged it since (and
             # this request may have started after that write was acknowledged).
@@ -158,13 +162,18 @@ class Flow:
     async def _lead(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill,
                     step: Lead) -> web.StreamResponse:
         async with step as lead:
+            found = None
             if lead.remote:
-                found = await self._wait_remote(keyed)
-                if found is not None:
-                    lead.stored = True
-                    return self._coalesced(ctx, found)
+                found = await self._wait_remote(keyed, lead)
+            elif lead.relook:
+                # Leadership came after the lookup: another request (here or elsewhere)
+                # may have filled the key meanwhile. Never fetch what is stored already.
+                found = await self._look_again(keyed)
+            if found is not None:
+                lead.stored = True
+                return self._coalesced(ctx, found)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
-                                               validate=fill.validate)
+                                               validate=fill.validate, lock=lead.lock)
             lead.stored = isinstance(fetched, FromEntry) and fetched.stored
             return await self._deliver(ctx, fetched, fill.detail)
 
@@ -190,17 +199,32 @@ class Flow:
             return step.entry
         return None
 
-    async def _wait_remote(self, keyed: Keyed) -> Entry | None:
+    async def _wait_remote(self, keyed: Keyed, lead: Lead) -> Entry | None:
+        """Wait for another process's fill; each look again also tries the lock, so that
+        when the holder went without storing (or its announcement came before we started
+        listening), this request takes over at once."""
         found: list[Entry] = []
 
         async def recheck() -> bool:
-            entry = await self._look_again(keyed)
-            if entry is not None:
-                found.append(entry)
-            return entry is not None
+            token = self.coalescer.token()
+            try:
+                lookup = await self.store.lookup(keyed.primary, keyed.value_of, token,
+                                                 lock_anyway=True)
+            except StoreUnavailable:
+                return False
+            step = self._decide(keyed, lookup)
+            if isinstance(step, Serve) and step.status.outcome is Outcome.HIT:
+                found.append(step.entry)
+                await self.coalescer.release(FillLock(keyed.primary, token)
+                                             if lookup.locked else None)
+                return True
+            if lookup.locked:
+                lead.lock, lead.remote = FillLock(keyed.primary, token), False
+                return True
+            return False
 
-        ok = await self.coalescer.wait_remote(keyed.primary, recheck)
-        return found[-1] if ok and found else None
+        await self.coalescer.wait_remote(keyed.primary, recheck)
+        return found[-1] if found else None
 
     def _coalesced(self, ctx: Ctx, entry: Entry) -> web.Response:
         self.metrics.coalesced.inc()
@@ -227,8 +251,10 @@ class Flow:
         async with step as lead:
             if lead.remote:
                 return  # another process holds the fill lock: it refreshes
+            if lead.relook and await self._look_again(keyed) is not None:
+                return  # refreshed meanwhile
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, stale,
-                                               validate=stale.has_validators)
+                                               validate=stale.has_validators, lock=lead.lock)
             match fetched:
                 case Streamed(up):
                     up.close()

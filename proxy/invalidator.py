@@ -25,14 +25,12 @@ log = get_logger("invalidator")
 
 class Invalidator:
     def __init__(self, store: Store, metrics: Metrics, stats: Stats, *, wait_ms: int,
-                 max_entry_ttl_s: int, upstream_timeout_s: float) -> None:
+                 max_entry_ttl_s: int) -> None:
         self.store = store
         self.metrics = metrics
         self.stats = stats
         self.wait_s = wait_ms / 1000
         self.max_entry_ttl_s = max_entry_ttl_s
-        # A tombstone outlives any fill that may have looked up before its purge.
-        self.tombstone_ttl_ms = int(max(600.0, 3 * upstream_timeout_s) * 1000)
         self._pending = Pending()
         self.replayed = asyncio.Event()  # set whenever nothing is pending
         self.replayed.set()
@@ -58,9 +56,7 @@ class Invalidator:
                 # Past the first attempt, try even with the breaker open: a write's
                 # invalidation is worth waiting for so that no instance serves what the
                 # write made stale.
-                total = await self.store.purge_tags(tags, soft=soft,
-                                                    tombstone_ttl_ms=self.tombstone_ttl_ms,
-                                                    force=attempt > 0)
+                total = await self.store.purge_tags(tags, soft=soft, force=attempt > 0)
                 break
             except StoreUnavailable:
                 attempt += 1
@@ -77,8 +73,7 @@ class Invalidator:
         instance stops serving what it covers) and StoreUnavailable is raised."""
         at = time.time()
         try:
-            n = await self.store.purge_tags(tags, soft=soft,
-                                            tombstone_ttl_ms=self.tombstone_ttl_ms)
+            n = await self.store.purge_tags(tags, soft=soft)
         except StoreUnavailable:
             self.defer(tags, at)
             raise
@@ -106,8 +101,7 @@ class Invalidator:
         snapshot = self._pending.snapshot()
         try:
             # force: past the breaker, so the replay comes as soon as Redis answers again.
-            await self.store.purge_tags(list(snapshot), tombstone_ttl_ms=self.tombstone_ttl_ms,
-                                        force=True)
+            await self.store.purge_tags(list(snapshot), force=True)
         except StoreUnavailable:
             return self.pending
         for tag, at in snapshot.items():

@@ -5,11 +5,16 @@ SCAN only for a flush."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+from .layout import Shard
 from .metrics import RedisGauges
-from .store import ALL_TAG, STATS_TTL_MS, Store
+from .store import ALL_TAG, Store
 
+STATS_TTL_MS = 30 * 86400 * 1000  # shared counters outlive any instance, not forever
 INSTANCE_TTL_MS = 60 * 1000  # an instance that has not pushed for a minute is gone
+
+Listed = tuple[str, int, dict[bytes, bytes]]
 
 
 class Keyspace:
@@ -17,34 +22,45 @@ class Keyspace:
         self.store = store
         self.conn = store.conn
         self.redis = store.redis
+        self.layout = store.layout
 
     async def flush(self) -> int:
-        """Delete every key of this proxy (its prefix), never another program's keys in the
-        same database. Walks the keyspace with SCAN: an admin action, never on the request
-        path."""
-        pattern = self.store.prefix.replace("[", "\\[").replace("]", "\\]") + "*"
+        """Delete every key of this proxy (its prefix's hash tags), never another program's
+        keys in the same database, and tell every instance's L1. Walks the keyspace with
+        SCAN: an admin action, never on the request path."""
+        pattern = "{" + self.layout.prefix.replace("[", "\\[").replace("]", "\\]") + "*"
         deleted = 0
         cursor: int = 0
         while True:
             async def step(c: int = cursor) -> tuple[int, int]:
-                nxt, keys = await self.redis.scan(c, match=pattern, count=1000)
-                n = int(await self.redis.unlink(*keys)) if keys else 0
+                nxt, found = await self.redis.scan(c, match=pattern, count=1000)
+                ours = [k for k in found if self.layout.owns(k)]
+                n = int(await self.redis.unlink(*ours)) if ours else 0
                 return int(nxt), n
 
             cursor, n = await self.conn.run("flush", step,
                                             budget_s=max(self.conn.call_limit_s, 5.0))
             deleted += n
             if cursor == 0:
-                return deleted
+                break
+        await self._announce_flush()
+        return deleted
+
+    async def _announce_flush(self) -> None:
+        async def announce() -> None:
+            pipe = self.redis.pipeline(transaction=False)
+            for s in self.layout.shards:
+                pipe.execute_command(self.store.publish, s.channel, "*")
+            await pipe.execute()
+
+        await self.conn.run("flush", announce, trips=False)
 
     async def push_stats(self, deltas: dict[str, int], instance: str) -> None:
         """Add this instance's counter increments to the shared totals; heartbeat."""
-        key = self.store.prefix + "stats"
-        members = self.store.prefix + "instances"
+        key, members = self.layout.stats_key, self.layout.instances_key
 
         async def push() -> None:
-            t_s, t_us = await self.redis.time()
-            now_ms = int(t_s) * 1000 + int(t_us) // 1000
+            now_ms = await self._now_ms()
             pipe = self.redis.pipeline(transaction=False)
             for field, n in deltas.items():
                 pipe.hincrby(key, field, n)
@@ -60,8 +76,8 @@ class Keyspace:
         """The counters summed over every instance, and how many instances reported lately."""
         async def read() -> tuple[dict[str, int], int]:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hgetall(self.store.prefix + "stats")
-            pipe.zcard(self.store.prefix + "instances")
+            pipe.hgetall(self.layout.stats_key)
+            pipe.zcard(self.layout.instances_key)
             raw, n = await pipe.execute()
             return {k.decode(): int(v) for k, v in raw.items()}, int(n)
 
@@ -72,55 +88,77 @@ class Keyspace:
         return {"used_memory": int(info.get("used_memory", 0)),
                 "maxmemory": int(info.get("maxmemory", 0))}
 
+    async def _now_ms(self) -> int:
+        t_s, t_us = await self.redis.time()
+        return int(t_s) * 1000 + int(t_us) // 1000
+
+    async def _counts(self, tag: str) -> list[int]:
+        """Live entries under ``tag`` in each shard (the index scores entries by expiry)."""
+        now_ms = await self._now_ms()
+        pipe = self.redis.pipeline(transaction=False)
+        for s in self.layout.shards:
+            pipe.zcount(s.index_key(tag), now_ms, "+inf")
+        return [int(n) for n in await pipe.execute()]
+
     async def count_tagged(self, tags: Sequence[str]) -> list[int]:
-        """Live entries under each tag index (the index scores entries by expiry)."""
+        """Live entries under each tag, summed over the shards."""
         async def count() -> list[int]:
-            t_s, t_us = await self.redis.time()
-            now_ms = int(t_s) * 1000 + int(t_us) // 1000
-            pipe = self.redis.pipeline(transaction=False)
-            for tag in tags:
-                pipe.zcount(self.store.tag_key(tag), now_ms, "+inf")
-            return [int(n) for n in await pipe.execute()]
+            return [sum(await self._counts(tag)) for tag in tags]
 
         return await self.conn.run("count", count, trips=False)
 
     async def list_entries(self, tag: str, offset: int, limit: int, *,
-                           bodies: bool) -> list[tuple[str, int, dict[bytes, bytes]]]:
-        """A page of live entries under a tag index: (key, ms to live, stored fields)."""
-        async def page() -> list[tuple[str, int, dict[bytes, bytes]]]:
-            t_s, t_us = await self.redis.time()
-            now_ms = int(t_s) * 1000 + int(t_us) // 1000
-            keys: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
-                self.store.tag_key(tag), now_ms, "+inf", start=offset, num=limit)
-            pipe = self.redis.pipeline(transaction=False)
-            for k in keys:
-                pipe.pttl(k)
-                if bodies:
-                    pipe.hgetall(k)
-                else:
-                    pipe.hmget(k, "m", "p")
-            raw = await pipe.execute(raise_on_error=False)
-            out = []
-            for i, k in enumerate(keys):
-                ttl, fields = raw[2 * i], raw[2 * i + 1]
-                if isinstance(fields, Exception) or isinstance(ttl, Exception):
+                           bodies: bool) -> list[Listed]:
+        """A page of live entries under a tag, shard after shard: (key, ms to live, fields)."""
+        async def page() -> list[Listed]:
+            counts = await self._counts(tag)
+            now_ms = await self._now_ms()
+            out: list[Listed] = []
+            skip = offset
+            for shard, n in zip(self.layout.shards, counts, strict=True):
+                if len(out) >= limit:
+                    break
+                if skip >= n:
+                    skip -= n
                     continue
-                if not bodies:
-                    fields = {name: v for name, v in zip((b"m", b"p"), fields, strict=True)
-                              if v is not None}
-                    fields.setdefault(b"b", b"")
-                out.append((k.decode(), int(ttl), fields))
+                out += await self._page_of(shard, tag, now_ms, skip, limit - len(out), bodies)
+                skip = 0
             return out
 
         return await self.conn.run("keys", page, trips=False,
                                    budget_s=max(self.conn.call_limit_s, 2.0))
 
+    async def _page_of(self, shard: Shard, tag: str, now_ms: int, start: int, num: int,
+                       bodies: bool) -> list[Listed]:
+        ids: list[bytes] = await self.redis.zrangebyscore(  # type: ignore[assignment]
+            shard.index_key(tag), now_ms, "+inf", start=start, num=num)
+        keys = [shard.entry(i.decode()) for i in ids]
+        pipe = self.redis.pipeline(transaction=False)
+        for k in keys:
+            pipe.pttl(k)
+            if bodies:
+                pipe.hgetall(k)
+            else:
+                pipe.hmget(k, "m", "p")
+        raw: list[Any] = await pipe.execute(raise_on_error=False)
+        out: list[Listed] = []
+        for i, k in enumerate(keys):
+            ttl, fields = raw[2 * i], raw[2 * i + 1]
+            if isinstance(fields, Exception) or isinstance(ttl, Exception):
+                continue
+            if not bodies:
+                fields = {name: v for name, v in zip((b"m", b"p"), fields, strict=True)
+                          if v is not None}
+                fields.setdefault(b"b", b"")
+            out.append((k, int(ttl), fields))
+        return out
+
     async def pttl(self, key: str) -> int:
         return int(await self.conn.run("ttl", lambda: self.redis.pttl(key), trips=False))
 
     async def figures(self, routes: Sequence[str]) -> RedisGauges:
-        """Memory from INFO and live entries from the indexes (a ZCOUNT per route, never
-        KEYS or SCAN): what /cache/stats and /metrics report of Redis."""
+        """Memory from INFO and live entries from the indexes (a ZCOUNT per route and
+        shard, never KEYS or SCAN): what /cache/stats and /metrics report of Redis."""
         mem = await self.memory()
         counts = await self.count_tagged([ALL_TAG, *("~route:" + r for r in routes)])
         return RedisGauges(reachable=True, used_memory=mem["used_memory"],

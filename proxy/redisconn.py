@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from .breaker import Breaker, State
 from .config import RedisConfig
 from .errors import EntryCorrupt, StoreUnavailable
+from .feed import Node
 from .log import get as get_logger
 
 T = TypeVar("T")
@@ -68,6 +71,10 @@ class RedisConn:
     async def close(self) -> None:
         await self.client.aclose(close_connection_pool=True)
         await self.listener.aclose()
+
+    def node(self) -> Node:
+        """Where the configured server listens, for the feed's own connection."""
+        return node_of(self.cfg.url)
 
     async def ping(self) -> float:
         started = time.perf_counter()
@@ -125,3 +132,17 @@ def _kind(e: BaseException) -> str:
     if isinstance(e, rex.ConnectionError):
         return "pool" if "No connection available" in str(e) else "connection"
     return "error"
+
+
+def node_of(url: str) -> Node:
+    """A feed node from a redis:// rediss:// or unix:// URL (credentials, TLS options)."""
+    kw: dict[str, Any] = dict(parse_url(url))
+    tls = None
+    if kw.get("connection_class") is SSLConnection:
+        tls = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
+        if str(kw.get("ssl_cert_reqs", "required")).lower() in ("none", "cert_none"):
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
+    return Node(host=kw.get("host", "localhost"), port=int(kw.get("port", 6379)),
+                path=kw.get("path"), tls=tls, username=kw.get("username"),
+                password=kw.get("password"))

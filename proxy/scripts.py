@@ -1,148 +1,262 @@
-"""The Lua scripts the store runs: each one touches the keys of a single slot, atomically.
-Their KEYS and ARGV are documented above each; ``store`` owns the key schema they assume."""
+"""The Lua scripts the store runs. Each touches the keys of one virtual shard only (one hash
+tag, so one Redis Cluster slot), atomically; ``store`` owns the key schema they assume:
 
-# Removes an entry from every index its metadata names (and from ~all), so that indexes stay
-# exact when an entry is replaced or purged. ``prefix`` is the key prefix ("{P}:").
-UNINDEX = """
-local function unindex(prefix, member)
-  local meta = redis.call('HGET', member, 'm')
-  if meta then
-    local ok, doc = pcall(cjson.decode, meta)
-    if ok and type(doc) == 'table' and type(doc['t']) == 'table' then
-      for _, tag in ipairs(doc['t']) do
-        redis.call('ZREM', prefix .. 't:' .. tag, member)
+    S = the shard's key prefix, "{P:n}:"
+    S e:<id>       entry hash: m (metadata), b (body), g (the generation of each of its tags,
+                   "<gen> <tag>\\n" lines), p (soft purge time, ms, for display)
+                   | v (vary marker: the varying field names) | h (hit-for-miss: the reason)
+    S g:<tag>      tag generation "<last purge µs>:<last hard purge µs>"
+    S t:<tag>      tag index: entry ids scored by their expiry (ms); for deleting, counting,
+                   listing, never for deciding what may be served
+    S m            shard marker: an upper bound of every purge time in the shard that a
+                   missing generation key may have held (µs); made by the first lookup
+    S l:<id>       coalescing lock
+    S c            the shard's channel: "f <id>" a fill finished; "i <tags>" / "s <tags>"
+                   tags purged / soft-purged; "*" everything flushed
+
+Eviction-safe by construction: an entry is served only when every one of its tags still has
+the generation the entry recorded, or, where a generation key is gone, when the shard marker
+proves no purge happened since. Losing any key (an entry, an index, a generation, the marker,
+a lock) costs misses or extra fetches, never a stale or another user's answer.
+
+Numbers above 2^31 are formatted with "%d": Lua's default conversion keeps 14 digits.
+"""
+
+# Reads the hash of an entry key and judges it against the tag generations, in the lookup's
+# round trip; takes the fill lock when nothing usable is there (or, with ARGV[5], whatever
+# is there: a waiter that looks again and becomes the leader if the holder is gone).
+# KEYS: [1] entry key, [2] shard marker, [3] lock key
+# ARGV: [1] shard prefix, [2] lock token ("" for none), [3] lock ttl ms, [4] marker ttl ms,
+#       [5] "1": take the lock even when an entry is there
+# Returns {kind, now µs, locked, ...}: kind "e" + meta, body, soft purge µs (0: none), p;
+#   "v" + names; "h" + reason; "n" (nothing usable); "w" (not a hash); "x" (a hash that is
+#   none of these: corrupt)
+# allow-oom: a lookup answers even when Redis is out of memory; its only writes (a missing
+# marker, a lock) are a few bytes.
+LOOKUP = """#!lua flags=allow-oom
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local marker = redis.call('GET', KEYS[2])
+if not marker then
+  redis.call('SET', KEYS[2], string.format('%d', now - 1), 'PX', ARGV[4])
+end
+local f = redis.pcall('HGETALL', KEYS[1])
+if f['err'] then
+  return {'w', now, 0}
+end
+local h = {}
+for i = 1, #f, 2 do
+  h[f[i]] = f[i + 1]
+end
+local kind, soft = 'n', 0
+if h['v'] then
+  return {'v', now, 0, h['v']}
+elseif h['h'] then
+  return {'h', now, 0, h['h']}
+elseif h['m'] and h['b'] and h['g'] then
+  kind = 'e'
+  for gen, tag in string.gmatch(h['g'], '(%d+) ([^\\n]+)') do
+    local g = tonumber(gen)
+    local cur = redis.call('GET', ARGV[1] .. 'g:' .. tag)
+    if cur then
+      local last, hard = string.match(cur, '^(%d+):(%d+)$')
+      if tonumber(hard) > g then
+        kind = 'n'
+        break
       end
+      if tonumber(last) > g and (soft == 0 or tonumber(last) < soft) then
+        soft = tonumber(last)
+      end
+    elseif not marker or tonumber(marker) > g then
+      kind = 'n'
+      break
     end
-    redis.call('ZREM', prefix .. 't:~all', member)
   end
+elseif next(h) ~= nil then
+  return {'x', now, 0}
+end
+local locked = 0
+if ARGV[2] ~= '' and (kind == 'n' or ARGV[5] == '1') and
+    redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then
+  locked = 1
+end
+if kind == 'e' then
+  return {'e', now, locked, h['m'], h['b'], string.format('%d', soft), h['p'] or ''}
+end
+return {'n', now, locked}
+"""
+
+# Releases the fill lock when it is still ours and announces that the fill is over.
+# KEYS[2] lock key; ARGV[2] lock token or "", [3] channel, [4] publish command, [5] primary id
+_FINISH = """
+local function finish(code)
+  if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) == ARGV[2] then
+    redis.call('DEL', KEYS[2])
+  end
+  redis.call(ARGV[4], ARGV[3], 'f ' .. ARGV[5])
+  return code
 end
 """
 
-# KEYS: [1] entry key, [2] primary key (vary marker; the entry key when the response does
-#       not vary), [3 .. 2+n] tag index keys, [3+n .. 2+2n] tombstone keys,
-#       [3+2n ..] index keys of the vary marker (its URL tag)
-# ARGV: [1] meta, [2] body, [3] ttl ms, [4] fill epoch µs, [5] n tags, [6] vary names or "",
-#       [7] key prefix
-# The shebang (Redis >= 7) makes Redis refuse the whole script up front when memory is full
-# (maxmemory with noeviction); a flagless script would be let through once its first write
-# (a DEL, allowed when out of memory) had run, and grow Redis past its limit.
-SAVE = "#!lua\n" + UNINDEX + """
+# KEYS: [1] entry key, [2] lock key, [3] shard marker, [4] primary key (the vary marker's; the
+#       entry key again when the response does not vary)
+# ARGV: [1] shard prefix, [2] lock token or "", [3] channel, [4] publish command,
+#       [5] primary id, [6] entry id, [7] meta, [8] body, [9] ttl ms, [10] lookup epoch µs,
+#       [11] vary names or "", [12] marker's url tag or "", [13..] tags
+# Returns 1 when stored, 0 when a tag was purged (or the marker lost) since the lookup.
+# The shebang (no allow-oom) makes Redis refuse the whole script up front when memory is
+# full (maxmemory with noeviction): the lock then expires by itself.
+SAVE = "#!lua\n" + _FINISH + """
+local p = ARGV[1]
+local marker = redis.call('GET', KEYS[3])
+if not marker then
+  return finish(0)
+end
+marker = tonumber(marker)
+local epoch = tonumber(ARGV[10])
+local gens, have = {}, {}
+for i = 13, #ARGV do
+  local cur = redis.call('GET', p .. 'g:' .. ARGV[i])
+  local last = marker
+  if cur then
+    last = tonumber(string.match(cur, '^(%d+)'))
+  end
+  if last >= epoch then
+    return finish(0)
+  end
+  have[i] = cur
+  gens[#gens + 1] = string.format('%d %s\\n', last, ARGV[i])
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = tonumber(ARGV[5])
--- Epochs, tombstones and the boot marker are in microseconds: a read right after a write
--- (same millisecond) must still be able to store what it fetched.
-local epoch = tonumber(ARGV[4])
--- A fill that looked up before this Redis (re)started may carry data older than a write
--- acknowledged meanwhile (the restart lost that write's tombstones): refuse it. The boot
--- marker is set by the first lookup that finds it missing, to that lookup's time.
-local boot = redis.call('GET', ARGV[7] .. 'boot')
-if not boot or epoch < tonumber(boot) then
-  return 0
-end
-for i = 3 + n, 2 + 2 * n do
-  local stone = redis.call('GET', KEYS[i])
-  if stone and tonumber(stone) >= epoch then
-    return 0
+local ttl = tonumber(ARGV[9])
+local function index(tag, member)
+  local ik = p .. 't:' .. tag
+  redis.call('ZADD', ik, now + ttl, member)
+  redis.call('ZREMRANGEBYSCORE', ik, '-inf', now)
+  if redis.call('PTTL', ik) < ttl then
+    redis.call('PEXPIRE', ik, ttl)
   end
 end
-local ttl = tonumber(ARGV[3])
-local expire_at = now + ttl
-local function index(member, from, to)
-  for i = from, to do
-    redis.call('ZADD', KEYS[i], expire_at, member)
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    if redis.call('PTTL', KEYS[i]) < ttl then
-      redis.call('PEXPIRE', KEYS[i], ttl)
+local function unindex(key, member)
+  local g = redis.call('HGET', key, 'g')
+  if g then
+    for _, tag in string.gmatch(g, '(%d+) ([^\\n]+)') do
+      redis.call('ZREM', p .. 't:' .. tag, member)
     end
   end
 end
-if ARGV[6] ~= '' then
-  local primary = KEYS[2]
-  if redis.call('HGET', primary, 'v') ~= ARGV[6] then
-    unindex(ARGV[7], primary)
-    redis.call('DEL', primary)
-    redis.call('HSET', primary, 'v', ARGV[6])
+for i = 13, #ARGV do
+  local gk = p .. 'g:' .. ARGV[i]
+  if not have[i] then
+    redis.call('SET', gk, string.format('%d:%d', marker, marker), 'PX', ttl)
+  elseif redis.call('PTTL', gk) < ttl then
+    redis.call('PEXPIRE', gk, ttl)
   end
-  if redis.call('PTTL', primary) < ttl then
-    redis.call('PEXPIRE', primary, ttl)
-  end
-  index(primary, 3 + 2 * n, #KEYS)
+  index(ARGV[i], ARGV[6])
 end
-unindex(ARGV[7], KEYS[1])
+if ARGV[11] ~= '' then
+  if redis.call('HGET', KEYS[4], 'v') ~= ARGV[11] then
+    redis.call('DEL', KEYS[4])
+    redis.call('HSET', KEYS[4], 'v', ARGV[11])
+  end
+  if redis.call('PTTL', KEYS[4]) < ttl then
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
+  if ARGV[12] ~= '' then
+    index(ARGV[12], ARGV[5])
+  end
+end
+unindex(KEYS[1], ARGV[6])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'm', ARGV[1], 'b', ARGV[2])
+redis.call('HSET', KEYS[1], 'm', ARGV[7], 'b', ARGV[8], 'g', table.concat(gens))
 redis.call('PEXPIRE', KEYS[1], ttl)
-index(KEYS[1], 3, 2 + n)
-return 1
+return finish(1)
 """
 
-# KEYS: [1] boot marker; ARGV: [1] lookup epoch µs, [2] ttl ms. Keeps the earliest epoch of
-# the lookups that found the marker missing: all of them happened after Redis (re)started, so
-# the earliest still bounds what may be stored, and two instances racing to set it cannot
-# make one another's legitimate fills look older than the marker.
-BOOT = """#!lua
-local b = redis.call('GET', KEYS[1])
-if not b or tonumber(ARGV[1]) < tonumber(b) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+# A hit-for-miss marker (keeps a vary marker: other variants), then the lock is released.
+# KEYS: [1] primary key, [2] lock key; ARGV: [1] reason, [2] lock token or "", [3] channel,
+#       [4] publish command, [5] primary id, [6] ttl ms
+HIT_FOR_MISS = "#!lua\n" + _FINISH + """
+if redis.call('HEXISTS', KEYS[1], 'v') == 0 then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'h', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
 end
-return 1
+return finish(1)
 """
 
-# KEYS: [1] primary key; ARGV: [1] reason, [2] ttl ms. Keeps a vary marker (other variants).
-HIT_FOR_MISS = """#!lua
-if redis.call('HEXISTS', KEYS[1], 'v') == 1 then
-  return 0
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'h', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
+# Releases the lock (a fill that stores nothing). Flagless: allowed when out of memory.
+# KEYS: [1] unused (the lock key again), [2] lock key; ARGV: [1] unused, [2..5] as for
+#       finish(): lock token, channel, publish command, primary id
+UNLOCK = _FINISH + """
+return finish(1)
 """
 
-# Purges tags in one call, bounded to ``batch`` entries per call so that Redis is never blocked
-# for long; the caller calls again with what is left.
-# KEYS: pairs (tag index, tombstone) per tag; the tombstone is the index again when none is
-#       wanted (admin purges of the entry set itself)
-# ARGV: [1] soft (0/1), [2] tombstone ttl ms, [3] batch size, [4] offset into the first tag
-#       (soft purges leave the index in place, so they walk it), [5] key prefix
+# Purges tags in one shard. The first call moves each existing tag generation (and the
+# shard marker) to now, which alone makes every entry carrying one of the tags unusable,
+# and announces the purge on the shard's channel; then the tag indexes are walked to delete
+# the entries (or, soft, mark them), bounded to ``batch`` entries per call so that Redis is
+# never blocked for long: the caller calls again with what is left.
+# allow-oom: purges must work, and delete, when memory is full; overwriting a generation
+# with a number of the same length does not grow it.
+# KEYS: [1] shard marker
+# ARGV: [1] shard prefix, [2] soft 0/1, [3] batch size, [4] offset into the first tag's
+#       index (soft purges leave indexes in place, so they walk them), [5] marker ttl ms,
+#       [6] channel, [7] publish command, [8] first call 0/1, [9..] tags
 # Returns {entries affected, tags finished, offset to resume the first unfinished tag at}.
-PURGE_TAGS = UNINDEX + """
+PURGE = """#!lua flags=allow-oom
+local p = ARGV[1]
+local soft = ARGV[2] == '1'
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local soft = ARGV[1] == '1'
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[8] == '1' then
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local m = tonumber(redis.call('GET', KEYS[1]) or '0')
+  if now <= m then
+    now = m + 1
+  end
+  local stamp = string.format('%d', now)
+  redis.call('SET', KEYS[1], stamp, 'PX', ARGV[5])
+  local tags = {}
+  for i = 9, #ARGV do
+    local gk = p .. 'g:' .. ARGV[i]
+    local cur = redis.call('GET', gk)
+    if cur then
+      local hard = stamp
+      if soft then
+        hard = string.match(cur, ':(%d+)$')
+      end
+      redis.call('SET', gk, stamp .. ':' .. hard, 'KEEPTTL')
+    end
+    tags[#tags + 1] = ARGV[i]
+  end
+  redis.call(ARGV[7], ARGV[6], (soft and 's ' or 'i ') .. table.concat(tags, ' '))
+end
 local budget = tonumber(ARGV[3])
 local offset = tonumber(ARGV[4])
-local count = 0
-local done = 0
-for i = 1, #KEYS, 2 do
-  local index, stone = KEYS[i], KEYS[i + 1]
-  if stone ~= index and offset == 0 then
-    -- pcall: a Redis out of memory refuses the tombstone, but still lets the purge delete
-    -- (and refuses the racing fill's write as well).
-    redis.pcall('SET', stone, now_us, 'PX', ARGV[2])
-  end
-  local members = redis.call('ZRANGE', index, offset, offset + budget - 1)
-  if soft then
-    for _, m in ipairs(members) do
-      if redis.call('HEXISTS', m, 'm') == 1 then
-        local marked = redis.pcall('HSET', m, 'p', now)
-        if type(marked) == 'table' and marked.err then
-          -- out of memory: delete rather than leave it fresh (its index records stay until
-          -- they expire, so that this walk's offsets stay right)
-          redis.call('DEL', m)
+local count, done = 0, 0
+for i = 9, #ARGV do
+  local ik = p .. 't:' .. ARGV[i]
+  local members = redis.call('ZRANGE', ik, offset, offset + budget - 1)
+  for _, m in ipairs(members) do
+    local key = p .. 'e:' .. m
+    if soft then
+      if redis.call('HEXISTS', key, 'm') == 1 then
+        redis.call('HSET', key, 'p', now_ms)
+        count = count + 1
+      end
+    else
+      local g = redis.call('HGET', key, 'g')
+      if g then
+        for _, tag in string.gmatch(g, '(%d+) ([^\\n]+)') do
+          if tag ~= ARGV[i] then
+            redis.call('ZREM', p .. 't:' .. tag, m)
+          end
         end
         count = count + 1
       end
-    end
-  else
-    for _, m in ipairs(members) do
-      unindex(ARGV[5], m)
-      count = count + redis.call('DEL', m)
-    end
-    if #members > 0 then
-      redis.call('ZREM', index, unpack(members))
+      redis.call('DEL', key)
     end
   end
   if #members == budget then
@@ -150,26 +264,15 @@ for i = 1, #KEYS, 2 do
     if soft then
       return {count, done, offset + #members}
     end
+    redis.call('ZREM', ik, unpack(members))
     return {count, done, 0}
   end
   if not soft then
-    redis.call('DEL', index)
+    redis.call('DEL', ik)
   end
   budget = budget - #members
   done = done + 1
   offset = 0
 end
 return {count, done, 0}
-"""
-
-# Releases the coalescing lock only if we still hold it (it may have expired and been taken
-# by another), and tells waiting processes that the fill is done.
-# KEYS: [1] lock key; ARGV: [1] our token, [2] channel, [3] message (the primary key)
-UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-  return 1
-end
-return 0
 """

@@ -1,43 +1,44 @@
-"""The Redis side of caching: key schema, lookups, saves, the tag index, purges, the
-coalescing lock and the fill channel. Every call runs under the connection's time budget and
-circuit breaker (``redisconn``); Redis errors leave as StoreUnavailable / EntryCorrupt.
+"""The Redis side of caching: lookups, saves, hit-for-miss markers, purges and the fill lock,
+over the sharded layout (``layout``) with the scripts of ``scripts`` (which document the key
+schema). Every call runs under the connection's time budget and circuit breaker
+(``redisconn``); Redis errors leave as StoreUnavailable / EntryCorrupt.
 
-Key schema (``P`` is the configured prefix; the braces make it a Redis Cluster hash tag, so
-every key one script touches lives in the same slot; on a cluster the prefix plays the role
-the database number plays on a single server):
-
-    {P}:e:<primary>             entry hash (m, b, p) | vary marker (v) | hit-for-miss (h)
-    {P}:e:<primary>:<variant>   entry hash of one variant of a Vary'ing response
-    {P}:t:<tag>                 tag index: sorted set of entry keys scored by expiry (ms)
-    {P}:x:<tag>                 tombstone: Redis time (µs) of the tag's last invalidation
-    {P}:l:<primary>             coalescing lock
-    {P}:stats                   counters shared by every instance (``keyspace``)
-    {P}:boot                    time of the first lookup since this Redis started (or flushed)
-    {P}:fill                    pub/sub channel: "a fill for <primary> finished"
-
-Every key has a TTL. An entry and its index records are written by one script. Index records
-are scored by the entry's expiry and pruned on write, so an index never outgrows the live
-entries it points at by more than one TTL's worth. Purging a tag costs what it deletes.
+A lookup is one round trip (two for a response that varies): the script reads the entry,
+checks its tag generations, and takes the fill lock when nothing usable is there. A save
+checks that no tag of the entry was purged since the lookup, stores the entry with its
+generations and index records, releases the lock and announces the fill, in one script.
+A purge moves the tags' generations in every shard and deletes what the indexes list: its
+cost grows with what it deletes, never with the keyspace.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.exceptions as rex
 
 from . import keys, scripts
-from .entry import Entry, HitForMiss, Stored, VaryMarker, decode
+from .entry import Entry, HitForMiss, decode_entry
 from .errors import EntryCorrupt, StoreUnavailable
+from .layout import Layout, Shard
 from .redisconn import RedisConn
 
 ALL_TAG = "~all"
-STATS_TTL_MS = 30 * 86400 * 1000  # shared counters and the boot marker outlive instances
-# Bounds the work (and the time Redis is blocked) of one purge script call.
-PURGE_BATCH = 500
+MARKER_TTL_MS = 30 * 86400 * 1000  # refreshed by every purge; recreated by a lookup
+# Bounds the work (and the time Redis is blocked) of one purge round trip, over all shards.
+PURGE_BATCH = 512
+
+
+@dataclass(slots=True)
+class FillLock:
+    """The cross-process fill lock of a key while this process holds it (``token`` None
+    once released: a save or hit-for-miss script releases it as it runs)."""
+
+    primary: str
+    token: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,91 +47,99 @@ class Lookup:
     stored: Entry | HitForMiss | None
     epoch_us: int  # Redis time of the lookup (µs): a fill may not store over a later purge
     vary: tuple[str, ...] = ()
+    locked: bool = False  # this lookup took the fill lock (nothing usable was there)
 
 
 class Store:
-    def __init__(self, conn: RedisConn) -> None:
+    def __init__(self, conn: RedisConn, layout: Layout, *, lock_ms: int) -> None:
         self.conn = conn
         self.redis = conn.client
-        self.prefix = "{" + conn.cfg.prefix + "}:"
-        self._save = self.redis.register_script(scripts.SAVE)
-        self._hfm = self.redis.register_script(scripts.HIT_FOR_MISS)
-        self._purge = self.redis.register_script(scripts.PURGE_TAGS)
-        self._boot = self.redis.register_script(scripts.BOOT)
-        self._unlock = self.redis.register_script(scripts.UNLOCK)
+        self.layout = layout
+        self.lock_ms = lock_ms
+        # SPUBLISH (sharded pub/sub, Redis >= 7) where the server has it: a cluster then
+        # sends each message to the shard's own node, not to every node.
+        self.publish = "PUBLISH"
+        self._sha: dict[str, str] = {}
 
-    # -- keys ----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Learn what the server offers (best effort: without Redis, start anyway)."""
+        with contextlib.suppress(StoreUnavailable):
+            info = await self.conn.run("info", lambda: self.redis.info("server"), trips=False)
+            major = int(str(info.get("redis_version", "0")).split(".")[0])
+            self.publish = "SPUBLISH" if major >= 7 else "PUBLISH"
 
-    def entry_key(self, key: str) -> str:
-        return self.prefix + "e:" + key
+    # -- scripts -----------------------------------------------------------------------------
 
-    def tag_key(self, tag: str) -> str:
-        return self.prefix + "t:" + tag
+    async def _eval(self, source: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
+        return (await self._eval_many(source, [(keys_, args)]))[0]
 
-    def tombstone_key(self, tag: str) -> str:
-        return self.prefix + "x:" + tag
-
-    def lock_key(self, primary: str) -> str:
-        return self.prefix + "l:" + primary
-
-    @property
-    def boot_key(self) -> str:
-        return self.prefix + "boot"
-
-    @property
-    def fill_channel(self) -> str:
-        return self.prefix + "fill"
+    async def _eval_many(self, source: str,
+                         calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """EVALSHA each call in one pipeline; a server that does not know the script yet
+        (restarted, flushed) gets it loaded and the calls again."""
+        sha = self._sha.get(source)
+        for _ in range(2):
+            if sha is None:
+                sha = str(await self.redis.script_load(source))
+                self._sha[source] = sha
+            pipe = self.redis.pipeline(transaction=False)
+            for k, a in calls:
+                pipe.execute_command("EVALSHA", sha, len(k), *k, *a)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, rex.NoScriptError) for r in results):
+                for r in results:
+                    if isinstance(r, Exception):
+                        raise r
+                return results
+            sha = None
+        raise StoreUnavailable("response", "script could not be loaded")
 
     # -- reads -----------------------------------------------------------------------------------
 
-    async def lookup(self, primary: str, value_of: Callable[[str], str | None]) -> Lookup:
+    async def lookup(self, primary: str, value_of: Callable[[str], str | None],
+                     lock_token: str | None = None, *, lock_anyway: bool = False) -> Lookup:
         """The stored response for a request (following a vary marker to the variant its
-        ``value_of`` selects), and the fill epoch."""
-        pkey = self.entry_key(primary)
+        ``value_of`` selects), the fill epoch, and, with ``lock_token``, the fill lock when
+        nothing usable is stored (``lock_anyway``: whatever is stored)."""
+        shard = self.layout.shard(primary)
+        key = shard.entry(primary)
+        lock = (lock_token, lock_anyway)
+        reply = await self._lookup(shard, key, primary, lock)
+        kind = reply[0]
+        epoch = int(reply[1])
+        if kind == b"v":
+            names = tuple(n for n in reply[3].decode("latin-1").split(",") if n)
+            suffix, _ = keys.variant_key(primary, names, value_of)
+            vkey = shard.entry(suffix)
+            vreply = await self._lookup(shard, vkey, primary, lock)
+            stored = await self._stored(vkey, vreply)
+            return Lookup(vkey, stored if isinstance(stored, Entry) else None, epoch, names,
+                          bool(int(vreply[2])))
+        return Lookup(key, await self._stored(key, reply), epoch, (), bool(int(reply[2])))
 
-        async def first() -> list[Any]:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.hgetall(pkey)
-            pipe.time()
-            pipe.exists(self.boot_key)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            return results
+    async def _lookup(self, shard: Shard, key: str, primary: str,
+                      lock: tuple[str | None, bool]) -> list[Any]:
+        k = [key, shard.marker, shard.lock(primary)]
+        a = [shard.prefix, lock[0] or "", self.lock_ms, MARKER_TTL_MS, 1 if lock[1] else 0]
+        reply: list[Any] = await self.conn.run("lookup", lambda: self._eval(scripts.LOOKUP, k, a))
+        return reply
 
-        fields, now, booted = await self.conn.run("lookup", first)
-        if isinstance(now, Exception):
-            raise StoreUnavailable("response", str(now))
-        epoch_us = int(now[0]) * 1_000_000 + int(now[1])
-        if booted == 0:
-            await self.mark_boot(epoch_us)
-        if isinstance(fields, rex.ResponseError):
-            await self._drop_corrupt(pkey, "wrongtype")
-            return Lookup(pkey, None, epoch_us)
-        stored = await self._decode_or_drop(pkey, fields)
-        if not isinstance(stored, VaryMarker):
-            return Lookup(pkey, stored, epoch_us)
-        vkey_suffix, _ = keys.variant_key(primary, stored.names, value_of)
-        vkey = self.entry_key(vkey_suffix)
-        vfields = await self.conn.run("lookup", lambda: self.redis.hgetall(vkey))
-        vstored = await self._decode_or_drop(vkey, vfields)
-        if not isinstance(vstored, Entry):
-            vstored = None
-        return Lookup(vkey, vstored, epoch_us, stored.names)
+    async def _stored(self, key: str, reply: list[Any]) -> Entry | HitForMiss | None:
+        kind = reply[0]
+        if kind == b"e":
+            soft = int(reply[5])
+            try:
+                return decode_entry(reply[3], reply[4], soft / 1e6 if soft else None)
+            except EntryCorrupt:
+                await self._drop_corrupt(key, "corrupt")
+                return None
+        if kind == b"h":
+            return HitForMiss(reply[3].decode("latin-1"))
+        if kind in (b"w", b"x"):
+            await self._drop_corrupt(key, "wrongtype" if kind == b"w" else "corrupt")
+        return None
 
-    async def mark_boot(self, epoch_us: int) -> None:
-        """First lookup since Redis started empty (or was flushed): fills that looked up
-        before now cannot be trusted to postdate every acknowledged write."""
-        with contextlib.suppress(StoreUnavailable):
-            await self.conn.run("boot", lambda: self._boot(keys=[self.boot_key],
-                                                           args=[epoch_us, STATS_TTL_MS]))
-
-    async def _decode_or_drop(self, key: str, fields: Any) -> Stored | None:
-        try:
-            return decode(fields)
-        except EntryCorrupt:
-            await self._drop_corrupt(key)
-            return None
-
-    async def _drop_corrupt(self, key: str, kind: str = "corrupt") -> None:
+    async def _drop_corrupt(self, key: str, kind: str) -> None:
         """An undecodable value (or not a hash) where an entry belongs: a miss; remove it."""
         self.conn.observe("lookup", 0.0, kind)
         with contextlib.suppress(StoreUnavailable):
@@ -138,87 +147,95 @@ class Store:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    async def save(self, lookup: Lookup, primary: str, entry: Entry, ttl_s: float) -> bool:
-        """Store an entry (under the variant its Vary values select) and index it under its
-        tags, unless one of those tags was purged after the lookup (the fill would then
-        carry data from before a write). True when stored."""
-        names = tuple(n for n, _ in entry.vary)
-        if names:
-            suffix, _ = keys.variant_key(primary, names, dict(entry.vary).get)
-            key, marker = self.entry_key(suffix), self.entry_key(primary)
-        else:
-            key = marker = self.entry_key(primary)
-        all_tags = [ALL_TAG, *entry.tags]
-        keys_ = [key, marker]
-        keys_ += [self.tag_key(t) for t in all_tags]
-        keys_ += [self.tombstone_key(t) for t in all_tags]
-        if names:
-            # The marker is found through its URL only (for RFC 9111 §4.4 and URL purges);
-            # the variants carry the other tags.
-            keys_ += [self.tag_key(t) for t in entry.tags if t.startswith("url:")]
-        ttl_ms = max(1, int(ttl_s * 1000))
-        args: list[bytes | str | int] = [entry.meta_bytes(), entry.body, ttl_ms,
-                                         lookup.epoch_us, len(all_tags), ",".join(names),
-                                         self.prefix]
-        result = await self.conn.run("save", lambda: self._save(keys=keys_, args=args))
+    def _finish_args(self, shard: Shard, lock: FillLock | None, primary: str) -> list[Any]:
+        token = lock.token if lock is not None and lock.token else ""
+        return [token, shard.channel, self.publish, primary]
+
+    async def save(self, lookup: Lookup, primary: str, entry: Entry, ttl_s: float,
+                   lock: FillLock | None = None) -> bool:
+        """Store an entry (under the variant its Vary values select) with its tags'
+        generations and index records, unless one of those tags was purged after the
+        lookup (the fill may then carry data from before a write). Releases ``lock`` and
+        announces the fill either way. True when stored."""
+        k, a = self.save_call(primary, entry, ttl_s, lookup.epoch_us, lock)
+        result = await self.conn.run("save", lambda: self._eval(scripts.SAVE, k, a))
+        _released(lock)
         return bool(result)
 
-    async def hit_for_miss(self, primary: str, reason: str, ttl_s: int) -> None:
-        if ttl_s <= 0:
-            return
-        key = self.entry_key(primary)
-        await self.conn.run("save", lambda: self._hfm(keys=[key], args=[reason, ttl_s * 1000]))
+    def save_call(self, primary: str, entry: Entry, ttl_s: float, epoch_us: int,
+                  lock: FillLock | None = None) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of the save script for an entry."""
+        shard = self.layout.shard(primary)
+        names = tuple(n for n, _ in entry.vary)
+        entry_id = keys.variant_key(primary, names, dict(entry.vary).get)[0] if names \
+            else primary
+        url_tag = next((t for t in entry.tags if t.startswith("url:")), "") if names else ""
+        k = [shard.entry(entry_id), shard.lock(primary), shard.marker, shard.entry(primary)]
+        a: list[Any] = [shard.prefix, *self._finish_args(shard, lock, primary), entry_id,
+                        entry.meta_bytes(), entry.body, max(1, int(ttl_s * 1000)),
+                        epoch_us, ",".join(names), url_tag,
+                        *dict.fromkeys([ALL_TAG, *entry.tags])]
+        return k, a
 
-    async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
-                         tombstone_ttl_ms: int = 0, force: bool = False) -> int:
-        """Delete (or, soft, mark stale) every entry carrying one of ``tags``; returns how
-        many. With ``tombstone_ttl_ms``, each tag keeps a tombstone for that long, so that a
-        fill that started before this purge cannot store what it fetched. Costs what it
-        deletes: one index read per tag, no scan of the keyspace."""
-        pairs: list[str] = []
-        for tag in dict.fromkeys(tags):
-            index = self.tag_key(tag)
-            pairs += [index, self.tombstone_key(tag) if tombstone_ttl_ms > 0 else index]
-        total = 0
-        offset = 0
-        while pairs:
-            args = [1 if soft else 0, max(tombstone_ttl_ms, 1), PURGE_BATCH, offset,
-                    self.prefix]
-            count, done, offset = await self.conn.run(
-                "purge", lambda k=pairs, a=args: self._purge(keys=k, args=a),  # type: ignore[misc]
-                force=force)
-            total += int(count)
-            pairs = pairs[2 * int(done):]
-            offset = int(offset)
-        return total
+    async def hit_for_miss(self, primary: str, reason: str, ttl_s: int,
+                           lock: FillLock | None = None) -> None:
+        """Remember for ``ttl_s`` that the key's responses are not stored; releases ``lock``."""
+        shard = self.layout.shard(primary)
+        k = [shard.entry(primary), shard.lock(primary)]
+        a = [reason, *self._finish_args(shard, lock, primary), ttl_s * 1000]
+        await self.conn.run("save", lambda: self._eval(scripts.HIT_FOR_MISS, k, a))
+        _released(lock)
 
-    # -- coalescing ------------------------------------------------------------------------------
-
-    async def lock(self, primary: str, token: str, ttl_ms: int) -> bool:
-        """Take the fill lock of ``primary`` (expiring after ``ttl_ms``); False when taken."""
-        key = self.lock_key(primary)
-        got = await self.conn.run("lock", lambda: self.redis.set(key, token, nx=True, px=ttl_ms))
+    async def lock(self, primary: str, token: str) -> bool:
+        """Take the fill lock of ``primary``; False when another holds it."""
+        key = self.layout.shard(primary).lock(primary)
+        got = await self.conn.run("lock", lambda: self.redis.set(key, token, nx=True,
+                                                                 px=self.lock_ms))
         return bool(got)
 
-    async def unlock(self, primary: str, token: str) -> None:
-        """Release the lock if it is still ours, and tell waiting processes."""
-        key = self.lock_key(primary)
-        await self.conn.run("unlock", lambda: self._unlock(
-            keys=[key], args=[token, self.fill_channel, primary]))
+    async def unlock(self, lock: FillLock) -> None:
+        """Release the lock if it is still ours, and announce that the fill is over."""
+        if not lock.token:
+            return
+        shard = self.layout.shard(lock.primary)
+        key = shard.lock(lock.primary)
+        a = ["", *self._finish_args(shard, lock, lock.primary)]
+        await self.conn.run("unlock", lambda: self._eval(scripts.UNLOCK, [key, key], a))
+        lock.token = None
 
-    async def fills(self, on_subscribed: Callable[[], None]) -> AsyncIterator[str]:
-        """The primary keys whose fills finish, as they are announced; ``on_subscribed`` is
-        called once listening. Raises StoreUnavailable when the subscription is lost."""
-        pubsub = self.conn.listener.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self.fill_channel)
-            on_subscribed()
-            while True:
-                msg = await pubsub.get_message(timeout=None)
-                if msg is not None and msg.get("type") == "message":
-                    yield msg["data"].decode("latin-1")
-        except (rex.RedisError, OSError) as e:
-            raise StoreUnavailable("connection", str(e)) from None
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+    async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
+                         force: bool = False) -> int:
+        """Make every entry carrying one of ``tags`` unusable (soft: stale, to revalidate)
+        in every shard, and delete (soft: mark) what the indexes list; returns how many
+        entries. ``force``: past the circuit breaker (invalidations that must not be given
+        up lightly)."""
+        wanted = list(dict.fromkeys(tags))
+        if not wanted:
+            return 0
+        shards = self.layout.shards
+        batch = max(16, PURGE_BATCH // len(shards))
+        # shard index -> (tags finished, offset into the first unfinished tag, first call)
+        state = {s.index: (0, 0, True) for s in shards}
+        total = 0
+        while state:
+            order = list(state)
+            calls = [([shards[i].marker], [
+                shards[i].prefix, 1 if soft else 0, batch, state[i][1], MARKER_TTL_MS,
+                shards[i].channel, self.publish, 1 if state[i][2] else 0,
+                *wanted[state[i][0]:]]) for i in order]
+            replies = await self.conn.run(
+                "purge", lambda c=calls: self._eval_many(scripts.PURGE, c),  # type: ignore[misc]
+                force=force)
+            nxt = {}
+            for i, (count, done, offset) in zip(order, replies, strict=True):
+                total += int(count)
+                finished = state[i][0] + int(done)
+                if finished < len(wanted):
+                    nxt[i] = (finished, int(offset), False)
+            state = nxt
+        return total
+
+
+def _released(lock: FillLock | None) -> None:
+    if lock is not None:
+        lock.token = None

@@ -19,6 +19,10 @@ from upstream_stub.app import create_app as create_stub
 from .procs import ROOT as ROOT_DIR
 from .procs import RedisServer
 
+# Redis key patterns of the proxy's keys (the default prefix jcache, sharded: {jcache:N}:...).
+ENTRY_KEYS = "{jcache:*}:e:*"
+OUR_KEYS = "{jcache*"
+
 ALICE = {"Authorization": "Bearer alice-token"}  # example tokens of the stub's demo users
 BOB = {"Authorization": "Bearer bob-token"}
 ROOT = {"Authorization": "Bearer root-token"}

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from .conftest import ALICE, BOB, MakeProxy, StubControl
+from .conftest import ALICE, BOB, ENTRY_KEYS, OUR_KEYS, MakeProxy, StubControl
 from .procs import RedisServer
 
 TXNS = "/transactions?session_id=alice-s1&page_size=5"
@@ -37,7 +37,7 @@ def redis_dump(server: RedisServer) -> bytes:
 
 
 def entry_keys(r: RedisServer) -> list[bytes]:
-    return sorted(k for k in r.client().scan_iter(match="{jcache}:e:*"))
+    return sorted(k for k in r.client().scan_iter(match=ENTRY_KEYS))
 
 
 async def test_hit_after_miss_reaches_upstream_once(proxy: TestClient[Any, Any],
@@ -71,7 +71,7 @@ async def test_entry_ttl_comes_from_route(proxy: TestClient[Any, Any],
     assert 590_000 < ttls[0] <= 600_000  # sessions: 600 s
     assert 1_790_000 < ttls[1] <= 1_800_000  # summary: 1800 s
     # Index keys expire too: nothing this proxy writes lives forever.
-    assert all(r.pttl(k) > 0 for k in r.scan_iter(match="{jcache}:*"))
+    assert all(r.pttl(k) > 0 for k in r.scan_iter(match=OUR_KEYS))
 
 
 async def test_entry_expires_after_its_ttl(make_proxy: MakeProxy, stubctl: StubControl,

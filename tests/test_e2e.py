@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import ENTRY_KEYS
 from .procs import ROOT, RedisServer, start_python, stop
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,7 @@ def test_real_processes_miss_then_hit(stack: tuple[str, str, Path],
     assert b1 == b2
     assert json.loads(get(stub_url + "/__stats")[2])["by_endpoint"] == {"GET /summary": 1}
     # The entry lives in db 1 under the configured prefix, with the route's TTL.
-    [key] = list(redis_server.client(db=1).scan_iter(match="{jcache}:e:*"))
+    [key] = list(redis_server.client(db=1).scan_iter(match=ENTRY_KEYS))
     assert 1_700_000 < int(redis_server.client(db=1).pttl(key)) <= 1_800_000
     assert list(redis_server.client(db=0).scan_iter(match="*")) == []
 

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import UPSTREAM
 
-from .conftest import ALICE, BOB, MakeProxy, StubControl
+from .conftest import ALICE, BOB, ENTRY_KEYS, MakeProxy, StubControl
 from .procs import RedisServer, start_python, stop
 
 PATHS = ["/sessions", "/rules", "/summary?session_id=alice-s1",
@@ -158,7 +158,7 @@ async def test_corrupt_and_wrong_type_entries_are_misses_and_removed(
     r = redis_server.client()
     for p in PATHS[:2]:
         await (await proxy.get(p, headers=ALICE)).read()
-    [k1, k2] = sorted(r.scan_iter(match="{jcache}:e:*"))
+    [k1, k2] = sorted(r.scan_iter(match=ENTRY_KEYS))
     r.hset(k1, "m", b"{not json")
     r.delete(k2)
     r.set(k2, b"a string where a hash belongs")
@@ -208,7 +208,7 @@ async def test_malformed_upstream_responses(make_proxy: MakeProxy, redis_server:
             resp = await proxy.get("/anything")
             assert resp.status == 502
             assert (await resp.json())["error"] == "upstream_broken"
-        assert not list(redis_server.client().scan_iter(match="{jcache}:e:*"))
+        assert not list(redis_server.client().scan_iter(match=ENTRY_KEYS))
         assert proxy.app is not None
         upstream = proxy.app[UPSTREAM]
         assert upstream._slots._value == upstream.cfg.max_connections  # no slot leaked

@@ -18,7 +18,7 @@ from proxy import keys, policy
 from proxy.config import ConfigError, parse_config
 from proxy.routes import TemplateContext, expand, parse_match, parse_template
 
-from .conftest import AS_PURGER, AS_READER, MakeProxy, StubControl
+from .conftest import AS_PURGER, AS_READER, ENTRY_KEYS, MakeProxy, StubControl
 from .procs import RedisServer
 
 
@@ -81,7 +81,7 @@ async def test_ambiguous_or_malformed_requests_get_4xx_and_go_nowhere(
     assert 400 <= status_of(answer) < 500 or status_of(answer) in allowed or answer == b"", \
         answer[:200]
     assert await stubctl.count() == 0  # nothing reached the upstream
-    assert list(redis_server.client().scan_iter(match="{jcache}:e:*")) == []
+    assert list(redis_server.client().scan_iter(match=ENTRY_KEYS)) == []
     ok = await proxy.get("/p/sink")  # and the proxy is still there
     assert ok.status == 200
 

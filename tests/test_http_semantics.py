@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import FLOW
 
-from .conftest import ALICE, BOB, MakeProxy, StubControl
+from .conftest import ALICE, BOB, ENTRY_KEYS, MakeProxy, StubControl
 from .procs import RedisServer
 
 ETAG = '"v1"'
@@ -427,7 +427,7 @@ async def test_upstream_closing_mid_body(proxy: TestClient[Any, Any], stubctl: S
     with pytest.raises(aiohttp.ClientPayloadError):
         await resp.read()
     r = redis_server.client()
-    assert not any(b"m" in r.hgetall(k) for k in r.scan_iter(match="{jcache}:e:*"))
+    assert not any(b"m" in r.hgetall(k) for k in r.scan_iter(match=ENTRY_KEYS))
 
 
 # -- coalescing -----------------------------------------------------------------------------------

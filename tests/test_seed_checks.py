@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from .conftest import ENTRY_KEYS
 from .procs import ROOT, RedisServer, start_python, stop, wait_for_line
 
 pytestmark = pytest.mark.e2e
@@ -80,7 +81,7 @@ def test_seed_checks(stack: tuple[str, str], redis_server: RedisServer) -> None:
     assert call("GET", stub_url + "/__stats")[2]["by_endpoint"] == {"GET /summary": 1}
 
     # 3. TTL: from the route (and its environment variable) into Redis
-    [key] = list(r.scan_iter(match="{jcache}:e:*"))
+    [key] = list(r.scan_iter(match=ENTRY_KEYS))
     assert 110_000 < int(r.pttl(key)) <= 120_000  # CACHE_TTL_SUMMARIES=120
 
     # 4. invalidation: a write drops that session's entries before it answers

@@ -1,0 +1,271 @@
+"""The feed: what the shard channels announce (fills finished, tags purged, everything
+flushed), read on one dedicated connection per Redis node, by the event loop as bytes arrive
+and, on demand, at once: ``drain()`` reads whatever bytes are already waiting, without
+blocking, so that an in-process cache can apply every invalidation that reached this host
+before it answers from memory.
+
+While any node's connection is down the feed is down (listeners are told): announcements may
+have been lost, so waiters look again and the in-process cache empties and stands aside
+until every connection is back and subscribed.
+
+A connection is a plain non-blocking socket (TLS and ACL authentication included) read with
+hiredis's RESP parser: redis-py's pub/sub reads through the event loop only, and cannot say
+"nothing is waiting" without a round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import hiredis
+
+from .layout import Shard
+from .log import get as get_logger
+
+log = get_logger("feed")
+
+CHUNK = 65536
+
+
+class Listener(Protocol):
+    def on_fill(self, primary: str) -> None: ...
+    def on_purge(self, shard: Shard, tags: Sequence[str]) -> None: ...
+    def on_flush(self) -> None: ...
+    def on_state(self, up: bool) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """Where a node listens and how to log in."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None  # a unix socket instead
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+
+Topology = Callable[[], Awaitable[Sequence[tuple[Node, Sequence[Shard]]]]]
+
+
+def command(*args: str | bytes) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+class _Conn:
+    """One node's subscribed connection."""
+
+    def __init__(self, sock: socket.socket, shards: Sequence[Shard], reader: hiredis.Reader,
+                 early: list[list[bytes]]) -> None:
+        self.sock = sock
+        self.shards = {s.channel.encode(): s for s in shards}
+        self.reader = reader  # may hold messages read past the subscription replies
+        self.early = early  # messages that came with the subscription replies
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def read(self) -> list[list[bytes]]:
+        """Whatever complete messages the bytes waiting now make; marks the connection
+        lost on EOF or an error."""
+        try:
+            while True:
+                data = self.sock.recv(CHUNK)
+                if not data:
+                    raise ConnectionResetError("closed by Redis")
+                self.reader.feed(data)
+                pending = isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()
+                if len(data) < CHUNK and not pending:
+                    break
+        except (BlockingIOError, ssl.SSLWantReadError):
+            pass
+        except (OSError, hiredis.ProtocolError) as e:
+            self.fail(e)
+            return []
+        out, self.early = self.early, []
+        try:
+            while (msg := self.reader.gets()) is not False:
+                out.append(msg)
+        except hiredis.ProtocolError as e:
+            self.fail(e)
+        return out
+
+    def fail(self, e: BaseException) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+            log.warning("feed connection lost", error=str(e) or type(e).__name__)
+
+
+class Feed:
+    def __init__(self, topology: Topology, *, sharded: Callable[[], bool],
+                 connect_timeout_s: float) -> None:
+        self.topology = topology
+        self.sharded = sharded
+        self.connect_timeout_s = connect_timeout_s
+        self.listeners: list[Listener] = []
+        self.up = False
+        self._conns: list[_Conn] = []
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self, ready_timeout_s: float) -> None:
+        """Connect and subscribe; wait (bounded) until up. Without Redis, start anyway."""
+        self._task = asyncio.create_task(self._run(), name="feed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._ready.wait(), ready_timeout_s)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        self._detach()
+
+    def drain(self) -> bool:
+        """Apply what is waiting on every connection now; False when the feed is down."""
+        if not self.up:
+            return False
+        for conn in self._conns:
+            self._readable(conn)
+        return self.up
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                nodes = await self.topology()
+                socks = await asyncio.gather(*(asyncio.to_thread(self._connect, node, shards)
+                                               for node, shards in nodes))
+            except (OSError, hiredis.ProtocolError, ConnectionError, ValueError) as e:
+                log.info("feed not connected", error=str(e) or type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            conns = [_Conn(sock, shards, reader, early)
+                     for (sock, reader, early), (_, shards) in zip(socks, nodes, strict=True)]
+            self._attach(conns)
+            delay = 0.05
+            try:
+                await asyncio.wait([c.lost for c in conns],
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._detach()
+            await asyncio.sleep(delay)
+
+    def _attach(self, conns: list[_Conn]) -> None:
+        loop = asyncio.get_running_loop()
+        self._conns = conns
+        for c in conns:
+            loop.add_reader(c.sock.fileno(), self._readable, c)
+        self._set_up(True)
+        self._ready.set()
+        for c in conns:  # what arrived between subscribing and now
+            self._readable(c)
+
+    def _detach(self) -> None:
+        conns, self._conns = self._conns, []
+        self._set_up(False)
+        loop = asyncio.get_running_loop()
+        for c in conns:
+            with contextlib.suppress(Exception):
+                loop.remove_reader(c.sock.fileno())
+            with contextlib.suppress(OSError):
+                c.sock.close()
+
+    def _set_up(self, up: bool) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        for listener in self.listeners:
+            listener.on_state(up)
+
+    def _readable(self, conn: _Conn) -> None:
+        for msg in conn.read():
+            self._dispatch(conn, msg)
+        if conn.lost.done():
+            self._set_up(False)
+
+    def _dispatch(self, conn: _Conn, msg: list[bytes]) -> None:
+        if len(msg) != 3 or msg[0] not in (b"message", b"smessage"):
+            if msg and msg[0] in (b"sunsubscribe", b"unsubscribe"):
+                # A slot moved to another node: its messages go elsewhere from now on.
+                conn.fail(ConnectionResetError("unsubscribed: the topology changed"))
+                self._set_up(False)
+            return
+        shard = conn.shards.get(msg[1])
+        if shard is None:
+            return
+        data = msg[2].decode("latin-1")
+        kind, _, rest = data.partition(" ")
+        for listener in self.listeners:
+            if kind == "f":
+                listener.on_fill(rest)
+            elif kind in ("i", "s"):
+                listener.on_purge(shard, rest.split(" "))
+            elif kind == "*":
+                listener.on_flush()
+
+    # -- connecting (in a thread: blocking, with timeouts) ----------------------------------------
+
+    def _connect(self, node: Node, shards: Sequence[Shard],
+                 ) -> tuple[socket.socket, hiredis.Reader, list[list[bytes]]]:
+        t = self.connect_timeout_s
+        sock: socket.socket
+        if node.path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(t)
+            sock.connect(node.path)
+        else:
+            sock = socket.create_connection((node.host, node.port), timeout=t)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if node.tls is not None:
+                sock = node.tls.wrap_socket(sock, server_hostname=node.host)
+            reader = hiredis.Reader()
+            early: list[list[bytes]] = []
+            if node.password is not None:
+                auth = ("AUTH", node.username, node.password) if node.username \
+                    else ("AUTH", node.password)
+                sock.sendall(command(*auth))
+                _expect(sock, reader, 1, early)
+            channels = [s.channel for s in shards]
+            if self.sharded():
+                sock.sendall(b"".join(command("SSUBSCRIBE", ch) for ch in channels))
+            else:
+                sock.sendall(command("SUBSCRIBE", *channels))
+            _expect(sock, reader, len(channels), early)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, reader, early
+
+
+def _expect(sock: socket.socket, reader: hiredis.Reader, n: int,
+            early: list[list[bytes]]) -> None:
+    """Read ``n`` replies to our commands; raise on an error reply. Messages published
+    meanwhile (on channels already subscribed) are kept in ``early``."""
+    got = 0
+    while got < n:
+        reply = reader.gets()
+        if reply is False:
+            data = sock.recv(CHUNK)
+            if not data:
+                raise ConnectionResetError("closed by Redis")
+            reader.feed(data)
+            continue
+        if isinstance(reply, hiredis.ReplyError):
+            raise ConnectionError(f"redis refused: {reply}")
+        if isinstance(reply, list) and reply and reply[0] in (b"message", b"smessage"):
+            early.append(reply)
+            continue
+        got += 1
