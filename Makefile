@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench bench-purge bench-parsers conformance soak clean
+.PHONY: setup run test lint bench bench-purge bench-parsers conformance soak soak-memory clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,11 @@ bench-parsers: setup
 soak: setup
 	scripts/system-deps.sh
 	$(BIN)/python -m bench.soak
+
+# The same under memory pressure: a small maxmemory with allkeys-lru, Redis evicting all along.
+soak-memory: setup
+	scripts/system-deps.sh
+	SOAK_MAXMEMORY=$${SOAK_MAXMEMORY:-2mb} $(BIN)/python -m bench.soak
 
 # The http-cache-tests suite (cache-tests.fyi), installed from npm into .cache/; needs node.
 conformance: setup

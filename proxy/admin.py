@@ -63,13 +63,15 @@ class Admin:
         pending = self.invalidator.pending
         try:
             latency = await self.conn.ping()
+            eviction = await self.keyspace.eviction()
         except StoreUnavailable as e:
             return json_response({"status": "degraded", "redis": {
                 "reachable": False, "error": e.kind, "circuit": circuit},
                 "pending_invalidations": pending}, 503)
         return json_response({"status": "ok", "redis": {
             "reachable": True, "latency_ms": round(latency * 1000, 3),
-            "circuit": self.conn.breaker.state.value}, "pending_invalidations": pending})
+            "circuit": self.conn.breaker.state.value, "eviction": eviction},
+            "pending_invalidations": pending})
 
     async def live(self, request: web.Request) -> web.Response:
         """Liveness: the process answers. Redis trouble does not fail it (the proxy passes

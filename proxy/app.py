@@ -121,6 +121,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
                                  name="push-stats")]
     log.info("started", upstream=config.upstream.url, routes=len(config.routes),
              cache_enabled=config.cache.enabled, instance=instance)
+    await _report_eviction(app[KEYSPACE])
     try:
         yield
     finally:
@@ -138,6 +139,16 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         except Exception:
             redis_closed = False
         log.info("stopped", upstream_closed=True, redis_closed=redis_closed)
+
+
+async def _report_eviction(keyspace: Keyspace) -> None:
+    """Say at start-up what Redis does when its memory is full, and what that means."""
+    try:
+        eviction = await keyspace.eviction()
+    except StoreUnavailable:
+        return
+    level = log.warning if eviction["maxmemory"] == 0 else log.info
+    level("redis eviction policy", **eviction)
 
 
 async def _replay_loop(invalidator: Invalidator) -> None:

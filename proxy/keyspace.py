@@ -88,6 +88,14 @@ class Keyspace:
         return {"used_memory": int(info.get("used_memory", 0)),
                 "maxmemory": int(info.get("maxmemory", 0))}
 
+    async def eviction(self) -> dict[str, Any]:
+        """Redis's memory limit and eviction policy, and what they mean for the cache."""
+        info = await self.conn.run("info", lambda: self.redis.info("memory"), trips=False)
+        policy = str(info.get("maxmemory_policy", "unknown"))
+        limit = int(info.get("maxmemory", 0))
+        return {"policy": policy, "maxmemory": limit,
+                "meaning": eviction_meaning(policy, limit)}
+
     async def _now_ms(self) -> int:
         t_s, t_us = await self.redis.time()
         return int(t_s) * 1000 + int(t_us) // 1000
@@ -164,3 +172,18 @@ class Keyspace:
         return RedisGauges(reachable=True, used_memory=mem["used_memory"],
                            maxmemory=mem["maxmemory"], entries=counts[0],
                            entries_by_route=dict(zip(routes, counts[1:], strict=True)))
+
+
+def eviction_meaning(policy: str, maxmemory: int) -> str:
+    """What a maxmemory policy means for the cache's promises (the key layout makes every
+    eviction cost a miss at most, whichever key goes)."""
+    if maxmemory == 0:
+        return ("no memory limit: Redis grows until the host runs out of memory; set "
+                "maxmemory with an evicting policy (allkeys-lru recommended)")
+    if policy == "noeviction":
+        return ("when memory is full Redis refuses writes: new entries are not stored "
+                "(misses), while reads and purges keep working")
+    if policy.startswith(("allkeys-", "volatile-")):
+        return (f"under memory pressure Redis evicts keys ({policy}): each eviction costs "
+                "at most a miss, never a stale or another user's answer")
+    return f"unknown policy {policy!r}"

@@ -77,11 +77,15 @@ def _resource(path: str, sid: str | None) -> tuple[str, ...]:
     return ("session", sid) if sid is not None else ("user",)
 
 
-def _read_url(rng: random.Random, u: UserState) -> tuple[str, str | None]:
+def _read_url(rng: random.Random, u: UserState,
+              spread: bool = False) -> tuple[str, str | None]:
+    """A URL the user reads; ``spread``: over many pages and page sizes (memory pressure)."""
     sid = rng.choice(u.sessions)
     kind = rng.choice(["txns", "txns", "summary", "categories", "sessions", "rules", "all"])
     if kind == "txns":
-        params = [f"session_id={sid}", "page_size=5", f"page={rng.randint(1, 2)}"]
+        size, page = (rng.choice([5, 10, 20, 50]), rng.randint(1, 20)) if spread \
+            else (5, rng.randint(1, 2))
+        params = [f"session_id={sid}", f"page_size={size}", f"page={page}"]
         rng.shuffle(params)  # parameter order must not matter
         return "/transactions?" + "&".join(params), sid
     if kind == "summary":
@@ -106,7 +110,7 @@ def _check_owner(path: str, sid: str | None, body: dict[str, Any], user: str) ->
 
 
 async def run(proxies: list[str], stub_url: str, *, ops: int, seconds: float,
-              workers_per_user: int = 2, seed: int = 1,
+              workers_per_user: int = 2, seed: int = 1, spread: bool = False,
               on_progress: Callable[[int], Awaitable[None]] | None = None) -> Report:
     """Bounded by ``ops`` requests and by ``seconds``, whichever comes first."""
     rng = random.Random(seed)
@@ -130,7 +134,7 @@ async def run(proxies: list[str], stub_url: str, *, ops: int, seconds: float,
                 if wrng.random() < 0.25:
                     await _write(session, base, headers, u, wrng, report)
                 else:
-                    await _read(session, base, headers, u, wrng, report)
+                    await _read(session, base, headers, u, wrng, report, spread)
 
         await asyncio.gather(*(worker(u, random.Random(rng.random()))
                                for u in users for _ in range(workers_per_user)))
@@ -138,8 +142,9 @@ async def run(proxies: list[str], stub_url: str, *, ops: int, seconds: float,
 
 
 async def _read(session: aiohttp.ClientSession, base: str, headers: dict[str, str],
-                u: UserState, rng: random.Random, report: Report) -> None:
-    path, sid = _read_url(rng, u)
+                u: UserState, rng: random.Random, report: Report,
+                spread: bool = False) -> None:
+    path, sid = _read_url(rng, u, spread)
     resource = _resource(path, sid)
     required = u.acked.get(resource, 0)  # writes acknowledged before this read started
     report.reads += 1

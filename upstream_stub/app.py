@@ -7,6 +7,9 @@ API (Bearer-token auth, JSON, ETags, per-endpoint latency emulating database wor
     PUT  /transactions/{id}              POST /bulk-categorise
 
 Test hooks (no auth, never behind the proxy in production):
+    X-Stub-Answer-Late-Ms: N             on a write: commit it, then wait N ms before
+                                         answering (a backend that commits after the
+                                         proxy gave up)
     GET  /__stats, POST /__stats/reset   request counters per endpoint
     PUT  /__program/{name}               choose status, headers, body, delay of /p/{name}
     GET  /__program/{name}               what /p/{name} received
@@ -261,6 +264,7 @@ async def _update_transaction(request: web.Request) -> web.Response:
         session.version += 1
         versions = {"session": session.version, "user": owner.data_version,
                     "rules": owner.rules_version}
+    await _answer_late(request)
     return _json(request, {**txn.as_json(), "data_version": session.version,
                            "versions": versions}, cacheable=False)
 
@@ -298,9 +302,17 @@ async def _bulk_categorise(request: web.Request) -> web.Response:
         session.version += 1
         versions = {"session": session.version, "user": owner.data_version,
                     "rules": owner.rules_version}
+    await _answer_late(request)
     return _json(request, {"session_id": sid, "changed": len(changed), "ids": changed,
                            "data_version": session.version, "versions": versions},
                  cacheable=False)
+
+
+async def _answer_late(request: web.Request) -> None:
+    """The write is committed; a test may have asked for the answer to come late."""
+    late = request.headers.get("X-Stub-Answer-Late-Ms", "")
+    if late.isdigit():
+        await asyncio.sleep(int(late) / 1000)
 
 
 # ---------------------------------------------------------------------------------------------
