@@ -18,6 +18,7 @@ from .feed import Feed, Node
 from .flow import Flow
 from .invalidator import Invalidator
 from .keyspace import Keyspace
+from .l1 import L1
 from .layout import Layout, Shard
 from .log import get as get_logger
 from .metrics import Metrics
@@ -71,12 +72,14 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         return [(conn.node(), layout.shards)]
 
     feed = Feed(topology, sharded=lambda: store.publish == "SPUBLISH",
-                connect_timeout_s=config.redis.connect_timeout_ms / 1000)
-    feed.listeners.append(coalescer)
-    invalidator = Invalidator(store, metrics, stats,
+                connect_timeout_s=config.redis.connect_timeout_ms / 1000,
+                lease_s=config.cache.l1.lease_ms / 1000)
+    l1 = L1(layout, config.cache.l1.max_mb * 2**20)
+    feed.listeners += [coalescer, l1]
+    invalidator = Invalidator(store, l1, metrics, stats,
                               wait_ms=config.cache.invalidation_wait_ms,
                               max_entry_ttl_s=config.cache.max_entry_ttl_s)
-    flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats)
+    flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats, l1, feed)
     keyspace = Keyspace(store)
     app[CONFIG] = config
     app[METRICS] = metrics

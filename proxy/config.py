@@ -84,6 +84,14 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class L1Config:
+    max_mb: int = 64  # in-process cache of fresh responses per process; 0 turns it off
+    # The L1 answers only while Redis answered a PING on the invalidation feed sent within
+    # this long: a partitioned or frozen feed stops it within that time.
+    lease_ms: int = 500
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     enabled: bool = True
     default_ttl_s: int = 300
@@ -92,6 +100,7 @@ class CacheConfig:
     key_secret: str = field(default=DEV_KEY_SECRET, repr=False)
     key_secret_is_default: bool = True
     identity: IdentityConfig = field(default_factory=IdentityConfig)
+    l1: L1Config = field(default_factory=L1Config)
     hit_for_miss_s: int = 30
     coalesce_wait_ms: int = 5000
     coalesce_lock_ms: int = 15000
@@ -480,6 +489,10 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         cookie=idr.opt_str("cookie"),
     )
     idr.done()
+    l1r = r.child("l1")
+    l1 = L1Config(max_mb=l1r.integer("max_mb", L1Config().max_mb, 0, 1 << 20),
+                  lease_ms=l1r.integer("lease_ms", L1Config().lease_ms, 50, 60_000))
+    l1r.done()
     out = CacheConfig(
         enabled=r.flag("enabled", d.enabled),
         default_ttl_s=r.integer("default_ttl_s", d.default_ttl_s, 0),
@@ -488,6 +501,7 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         key_secret=secret or DEV_KEY_SECRET,
         key_secret_is_default=not secret,
         identity=identity,
+        l1=l1,
         hit_for_miss_s=r.integer("hit_for_miss_s", d.hit_for_miss_s, 0),
         coalesce_wait_ms=r.integer("coalesce_wait_ms", d.coalesce_wait_ms, 0),
         coalesce_lock_ms=r.integer("coalesce_lock_ms", d.coalesce_lock_ms, 100),

@@ -8,6 +8,11 @@ While any node's connection is down the feed is down (listeners are told): annou
 have been lost, so waiters look again and the in-process cache empties and stands aside
 until every connection is back and subscribed.
 
+A connection can also go silent without closing (a partition, a frozen Redis): each one is
+pinged every ``lease_s / 5``, and the feed counts as up only while every connection has
+answered a PING sent within the last ``lease_s``. Redis answers in order, so such an answer
+proves that everything published before that PING was sent has been received.
+
 A connection is a plain non-blocking socket (TLS and ACL authentication included) read with
 hiredis's RESP parser: redis-py's pub/sub reads through the event loop only, and cannot say
 "nothing is waiting" without a round trip.
@@ -17,8 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
 import socket
 import ssl
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,6 +39,7 @@ from .log import get as get_logger
 log = get_logger("feed")
 
 CHUNK = 65536
+PING = b"*1\r\n$4\r\nPING\r\n"
 
 
 class Listener(Protocol):
@@ -73,6 +82,22 @@ class _Conn:
         self.reader = reader  # may hold messages read past the subscription replies
         self.early = early  # messages that came with the subscription replies
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pings: deque[float] = deque()  # send times of PINGs not answered yet
+        self.alive = time.monotonic()  # send time of the last PING answered (or connected)
+
+    def ping(self) -> None:
+        try:
+            self.sock.send(PING)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            return  # the socket's buffer is full: this beat is skipped, the lease runs on
+        except OSError as e:
+            self.fail(e)
+            return
+        self.pings.append(time.monotonic())
+
+    def pong(self) -> None:
+        if self.pings:
+            self.alive = self.pings.popleft()
 
     def read(self) -> list[list[bytes]]:
         """Whatever complete messages the bytes waiting now make; marks the connection
@@ -107,15 +132,17 @@ class _Conn:
 
 class Feed:
     def __init__(self, topology: Topology, *, sharded: Callable[[], bool],
-                 connect_timeout_s: float) -> None:
+                 connect_timeout_s: float, lease_s: float) -> None:
         self.topology = topology
         self.sharded = sharded
         self.connect_timeout_s = connect_timeout_s
+        self.lease_s = lease_s
         self.listeners: list[Listener] = []
         self.up = False
         self._conns: list[_Conn] = []
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._poll = select.poll()
 
     async def start(self, ready_timeout_s: float) -> None:
         """Connect and subscribe; wait (bounded) until up. Without Redis, start anyway."""
@@ -131,12 +158,28 @@ class Feed:
         self._detach()
 
     def drain(self) -> bool:
-        """Apply what is waiting on every connection now; False when the feed is down."""
-        if not self.up:
+        """Apply what is waiting on every connection now; False when the feed is down.
+        One poll(2) with no timeout when nothing is waiting (the usual case)."""
+        if not self._conns:
             return False
-        for conn in self._conns:
-            self._readable(conn)
+        if self._poll.poll(0):
+            for conn in self._conns:
+                self._readable(conn)
+        self._check_lease()
         return self.up
+
+    def _check_lease(self) -> None:
+        deadline = time.monotonic() - self.lease_s
+        self._set_up(bool(self._conns) and all(
+            c.alive >= deadline and not c.lost.done() for c in self._conns))
+
+    async def _beat(self) -> None:
+        """Ping every connection a few times per lease; judge the lease between beats."""
+        while True:
+            await asyncio.sleep(self.lease_s / 5)
+            for c in self._conns:
+                c.ping()
+            self._check_lease()
 
     async def _run(self) -> None:
         delay = 0.05
@@ -154,10 +197,12 @@ class Feed:
                      for (sock, reader, early), (_, shards) in zip(socks, nodes, strict=True)]
             self._attach(conns)
             delay = 0.05
+            beat = asyncio.create_task(self._beat(), name="feed-heartbeat")
             try:
                 await asyncio.wait([c.lost for c in conns],
                                    return_when=asyncio.FIRST_COMPLETED)
             finally:
+                beat.cancel()
                 self._detach()
             await asyncio.sleep(delay)
 
@@ -166,6 +211,7 @@ class Feed:
         self._conns = conns
         for c in conns:
             loop.add_reader(c.sock.fileno(), self._readable, c)
+            self._poll.register(c.sock.fileno(), select.POLLIN)
         self._set_up(True)
         self._ready.set()
         for c in conns:  # what arrived between subscribing and now
@@ -178,6 +224,8 @@ class Feed:
         for c in conns:
             with contextlib.suppress(Exception):
                 loop.remove_reader(c.sock.fileno())
+            with contextlib.suppress(Exception):
+                self._poll.unregister(c.sock.fileno())
             with contextlib.suppress(OSError):
                 c.sock.close()
 
@@ -191,10 +239,12 @@ class Feed:
     def _readable(self, conn: _Conn) -> None:
         for msg in conn.read():
             self._dispatch(conn, msg)
-        if conn.lost.done():
-            self._set_up(False)
+        self._check_lease()
 
     def _dispatch(self, conn: _Conn, msg: list[bytes]) -> None:
+        if msg and msg[0] == b"pong":
+            conn.pong()
+            return
         if len(msg) != 3 or msg[0] not in (b"message", b"smessage"):
             if msg and msg[0] in (b"sunsubscribe", b"unsubscribe"):
                 # A slot moved to another node: its messages go elsewhere from now on.

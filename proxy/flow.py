@@ -31,9 +31,11 @@ from .context import Ctx, RequestIds
 from .deliver import Delivery
 from .entry import Entry
 from .errors import BadRequest, StoreUnavailable
+from .feed import Feed
 from .fetch import Failed, Fetched, Fetcher, FromEntry, Streamed
 from .forward import Forwarder
 from .invalidator import Invalidator
+from .l1 import L1
 from .log import get as get_logger
 from .metrics import Metrics
 from .outcome import CacheStatus, Outcome
@@ -60,8 +62,11 @@ class Explained:
 
 class Flow:
     def __init__(self, config: Config, store: Store, upstream: Upstream, metrics: Metrics,
-                 coalescer: Coalescer, invalidator: Invalidator, stats: Stats) -> None:
+                 coalescer: Coalescer, invalidator: Invalidator, stats: Stats, l1: L1,
+                 feed: Feed) -> None:
         self.store = store
+        self.l1 = l1
+        self.feed = feed
         self.metrics = metrics
         self.coalescer = coalescer
         self.invalidator = invalidator
@@ -114,6 +119,10 @@ class Flow:
                 ctx.route = plan.route.name
             return await self.forwarder.forward(ctx, plan.status)
         ctx.route = plan.route.name
+        held = self._from_l1(plan)
+        if held is not None:
+            return self.deliver.entry(ctx, held.entry, held.age, held.status)
+        since = self.l1.seq
         # Looking up takes the fill lock too when nothing usable is stored: one round trip.
         token = None if plan.directives.only_if_cached else self.coalescer.token()
         try:
@@ -126,11 +135,32 @@ class Flow:
             case Serve(entry, age, status, refresh):
                 if refresh:
                     self._refresh_in_background(ctx, plan, lookup, entry)
+                elif status.outcome is Outcome.HIT:
+                    self.l1.put(plan.primary, entry, since)
                 return self.deliver.entry(ctx, entry, age, status)
             case NotCached():
                 return self.deliver.not_cached(ctx)
             case Fill() as fill:
-                return await self._fill(ctx, plan, lookup, fill, lock)
+                return await self._fill(ctx, plan, lookup, fill, lock, since)
+
+    def _from_l1(self, keyed: Keyed) -> Serve | None:
+        """A fresh hit from this process's L1, after applying whatever invalidations are
+        waiting on the feed; None to ask Redis."""
+        if not self.l1.serving or not self.feed.drain():
+            return None
+        entry = self.l1.get(keyed.primary, keyed.value_of)
+        if entry is None:
+            return None
+        step = decide(keyed, entry, blocked=self.invalidator.blocks(entry), now=time.time())
+        if isinstance(step, Serve) and step.status.outcome is Outcome.HIT:
+            return step
+        return None
+
+    def _keep(self, keyed: Keyed, fetched: Fetched, since: int) -> None:
+        """A fill stored a fresh entry: hold it in the L1 too."""
+        if isinstance(fetched, FromEntry) and fetched.stored and \
+                fetched.entry.lifetime > fetched.age and not fetched.entry.no_cache:
+            self.l1.put(keyed.primary, fetched.entry, since)
 
     def _decide(self, keyed: Keyed, lookup: Lookup) -> Next:
         stored = lookup.stored
@@ -138,11 +168,12 @@ class Flow:
         return decide(keyed, stored, blocked=blocked, now=time.time())
 
     async def _fill(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill,
-                    lock: FillLock | None) -> web.StreamResponse:
+                    lock: FillLock | None, since: int) -> web.StreamResponse:
         if not fill.coalesce:
             await self.coalescer.release(lock)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
                                                validate=fill.validate)
+            self._keep(keyed, fetched, since)
             return await self._deliver(ctx, fetched, fill.detail)
         step = self.coalescer.join(keyed.primary, lock)
         if isinstance(step, Follow):
@@ -156,11 +187,12 @@ class Flow:
                     return self._coalesced(ctx, found)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
                                                validate=fill.validate)
+            self._keep(keyed, fetched, since)
             return await self._deliver(ctx, fetched)
-        return await self._lead(ctx, keyed, lookup, fill, step)
+        return await self._lead(ctx, keyed, lookup, fill, step, since)
 
-    async def _lead(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill,
-                    step: Lead) -> web.StreamResponse:
+    async def _lead(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill, step: Lead,
+                    since: int) -> web.StreamResponse:
         async with step as lead:
             found = None
             if lead.remote:
@@ -175,6 +207,7 @@ class Flow:
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
                                                validate=fill.validate, lock=lead.lock)
             lead.stored = isinstance(fetched, FromEntry) and fetched.stored
+            self._keep(keyed, fetched, since)
             return await self._deliver(ctx, fetched, fill.detail)
 
     async def _deliver(self, ctx: Ctx, fetched: Fetched,
@@ -189,7 +222,10 @@ class Flow:
 
     async def _look_again(self, keyed: Keyed) -> Entry | None:
         """The entry this request would be served now, if it is fresh for it: looked up
-        again (variant included) after another request's fill."""
+        again (variant included) after another request's fill, in the L1 first."""
+        held = self._from_l1(keyed)
+        if held is not None:
+            return held.entry
         try:
             lookup = await self.store.lookup(keyed.primary, keyed.value_of)
         except StoreUnavailable:

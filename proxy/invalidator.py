@@ -15,6 +15,7 @@ import time
 from .entry import Entry
 from .errors import StoreUnavailable
 from .invalidation import Pending
+from .l1 import L1
 from .log import get as get_logger
 from .metrics import Metrics
 from .stats import Stats
@@ -24,9 +25,10 @@ log = get_logger("invalidator")
 
 
 class Invalidator:
-    def __init__(self, store: Store, metrics: Metrics, stats: Stats, *, wait_ms: int,
+    def __init__(self, store: Store, l1: L1, metrics: Metrics, stats: Stats, *, wait_ms: int,
                  max_entry_ttl_s: int) -> None:
         self.store = store
+        self.l1 = l1
         self.metrics = metrics
         self.stats = stats
         self.wait_s = wait_ms / 1000
@@ -48,6 +50,7 @@ class Invalidator:
         """Purge ``tags`` now, waiting for Redis up to the bound; if it cannot be reached,
         defer them. Returns a detail word for the response ("" or "invalidation-pending")."""
         at = time.time()
+        self.l1.drop_tags(tags)  # this instance forgets them at once, before Redis does
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.wait_s
         attempt = 0
@@ -72,6 +75,7 @@ class Invalidator:
         """An admin purge: one attempt; when Redis cannot take it, it is deferred (this
         instance stops serving what it covers) and StoreUnavailable is raised."""
         at = time.time()
+        self.l1.drop_tags(tags)
         try:
             n = await self.store.purge_tags(tags, soft=soft)
         except StoreUnavailable:

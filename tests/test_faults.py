@@ -91,7 +91,9 @@ def assert_no_5xx(results: list[Outcome]) -> Counter[str]:
 @pytest.mark.parametrize("fault", ["kill", "sigstop", "client-pause", "debug-sleep"])
 async def test_redis_faults_under_load(make_proxy: MakeProxy, redis_server: RedisServer,
                                        stubctl: StubControl, fault: str) -> None:
-    proxy = await make_proxy(redis={"timeout_ms": 50, "breaker_reset_s": 0.2})
+    # The L1 answers hits without Redis: off here, so that every request meets the fault.
+    proxy = await make_proxy(redis={"timeout_ms": 50, "breaker_reset_s": 0.2},
+                             cache={"l1": {"max_mb": 0}})
     admin = redis_server.client()
 
     async def inject() -> None:
@@ -154,7 +156,8 @@ async def test_redis_out_of_memory(make_proxy: MakeProxy, redis_server: RedisSer
 
 
 async def test_corrupt_and_wrong_type_entries_are_misses_and_removed(
-        proxy: TestClient[Any, Any], redis_server: RedisServer) -> None:
+        make_proxy: MakeProxy, redis_server: RedisServer) -> None:
+    proxy = await make_proxy(cache={"l1": {"max_mb": 0}})  # every hit reads Redis
     r = redis_server.client()
     for p in PATHS[:2]:
         await (await proxy.get(p, headers=ALICE)).read()
