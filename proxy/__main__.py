@@ -71,7 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .workers import supervise
 
         return supervise(args.workers, host, port, ["--config", args.config])
-    asyncio.run(_serve(config, host, port, args.reuse_port))
+    loop_factory = None
+    if os.environ.get("JSONCACHE_LOOP", "uvloop") == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_serve(config, host, port, args.reuse_port))
     return 0
 
 

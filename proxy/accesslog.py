@@ -1,34 +1,128 @@
-"""What every request leaves behind: its metrics, its counters and its access log line."""
+"""What every request leaves behind: its metrics, its counters and its access log line.
+
+The access log is one JSON object per line (the fields structlog's JSON lines carry: the
+request's, then ``event``, ``level``, ``timestamp``), written like nginx's
+``access_log ... buffer= flush=``: lines gather in memory and go out together when 64 KiB
+have gathered, ``log.access_flush_ms`` after the first one, and at shutdown. On a console
+(``log.format: console``) each line goes through structlog's readable renderer at once.
+Below level ``info`` nothing is logged and nothing is formatted.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from prometheus_client.metrics import Counter as PromCounter
+from prometheus_client.metrics import Histogram
+
+from .config import LogConfig
 from .context import Ctx
 from .log import get as get_logger
 from .metrics import Metrics
 from .stats import Stats
 
-access_log = get_logger("access")
-
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+BUFFER_BYTES = 64 * 1024
+
+Observer = Callable[[dict[str, Any]], None]
+
+
+class AccessLog:
+    def __init__(self, cfg: LogConfig, fd: int | None = None) -> None:
+        self.fd = sys.stderr.fileno() if fd is None else fd
+        self.enabled = getattr(logging, cfg.level.upper()) <= logging.INFO
+        self.console = cfg.format == "console" or \
+            (cfg.format == "auto" and os.isatty(self.fd))
+        self.flush_s = cfg.access_flush_ms / 1000
+        self.observers: list[Observer] = []
+        self._lines: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._second = -1
+        self._stamp = ""
+        self._console = get_logger("access")
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if self.console:
+            self._console.info("request", **fields)
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
+        for observe in self.observers:
+            observe(dict(fields))
+        line = json.dumps(fields) + "\n"
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= BUFFER_BYTES or self.flush_s <= 0:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = "".join(self._lines).encode("utf-8", "backslashreplace")
+        self._lines.clear()
+        self._size = 0
+        with contextlib.suppress(OSError):  # a closed stderr must not fail requests
+            while data:
+                data = data[os.write(self.fd, data):]
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[list[dict[str, Any]]]:
+        """The lines written meanwhile, as dicts (for tests)."""
+        lines: list[dict[str, Any]] = []
+        self.observers.append(lines.append)
+        try:
+            yield lines
+        finally:
+            self.observers.remove(lines.append)
 
 
 class Recorder:
-    def __init__(self, metrics: Metrics, stats: Stats) -> None:
+    def __init__(self, metrics: Metrics, stats: Stats, access: AccessLog) -> None:
         self.metrics = metrics
         self.stats = stats
+        self.access = access
+        # Label children bound once per combination: a request touches no label machinery.
+        self._requests: dict[tuple[str, str, str], PromCounter] = {}
+        self._seconds: dict[str, Histogram] = {}
 
     def done(self, ctx: Ctx) -> None:
         elapsed = time.perf_counter() - ctx.started
         outcome = ctx.cache.outcome.value
         method = ctx.method if ctx.method in _METHODS else "other"
-        self.metrics.requests.labels(ctx.route, method, outcome).inc()
-        self.metrics.request_seconds.labels(outcome).observe(elapsed)
+        key = (ctx.route, method, outcome)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.metrics.requests.labels(*key)
+        counter.inc()
+        seconds = self._seconds.get(outcome)
+        if seconds is None:
+            seconds = self._seconds[outcome] = self.metrics.request_seconds.labels(outcome)
+        seconds.observe(elapsed)
         self.stats.request(ctx.route, ctx.cache.outcome, ctx.path_qs)
         if ctx.served_bytes:
             self.metrics.served_bytes.inc(ctx.served_bytes)
+        if not self.access.enabled:
+            return
         fields: dict[str, Any] = {
             "request_id": ctx.rid, "method": ctx.method, "path": ctx.path, "route": ctx.route,
             "status": ctx.http_status, "outcome": outcome, "duration_ms": round(elapsed * 1000, 3),
@@ -39,4 +133,4 @@ class Recorder:
             fields["upstream_ms"] = round(ctx.upstream_s * 1000, 3)
         if ctx.error:
             fields["error"] = ctx.error
-        access_log.info("request", **fields)
+        self.access.write(fields)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import admin as admin_routes
+from .accesslog import AccessLog
 from .admin import Admin, new_instance_id
 from .coalesce import Coalescer
 from .config import Config
@@ -38,6 +39,7 @@ COALESCER = web.AppKey("coalescer", Coalescer)
 FEED = web.AppKey("feed", Feed)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
 FLOW = web.AppKey("flow", Flow)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
 ADMIN = web.AppKey("admin", Admin)
 
 log = get_logger("app")
@@ -79,7 +81,9 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     invalidator = Invalidator(store, l1, metrics, stats,
                               wait_ms=config.cache.invalidation_wait_ms,
                               max_entry_ttl_s=config.cache.max_entry_ttl_s)
-    flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats, l1, feed)
+    access = AccessLog(config.log)
+    flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats, l1, feed,
+                access)
     keyspace = Keyspace(store)
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -92,6 +96,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     app[FEED] = feed
     app[INVALIDATOR] = invalidator
     app[FLOW] = flow
+    app[ACCESS_LOG] = access
     app[ADMIN] = Admin(config, flow, invalidator, keyspace, conn, metrics, stats,
                        new_instance_id())
     app.cleanup_ctx.append(_lifecycle)
@@ -141,6 +146,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             await conn.close()
         except Exception:
             redis_closed = False
+        app[ACCESS_LOG].flush()
         log.info("stopped", upstream_closed=True, redis_closed=redis_closed)
 
 

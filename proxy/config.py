@@ -154,6 +154,9 @@ class AdminConfig:
 class LogConfig:
     level: str = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    # Access lines gather in memory and are written this long after the first (or at 64 KiB,
+    # or at shutdown), as nginx's access_log buffer= flush=; 0 writes each line at once.
+    access_flush_ms: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +185,7 @@ ENV_KEYS: dict[str, str] = {
     "CACHE_MAX_BODY_BYTES": "cache.max_body_bytes",
     "LOG_LEVEL": "log.level",
     "LOG_FORMAT": "log.format",
+    "LOG_ACCESS_FLUSH_MS": "log.access_flush_ms",
 }
 SECRET_ENV = "CACHE_KEY_SECRET"
 ADMIN_TOKEN_ENV = "CACHE_ADMIN_TOKEN"
@@ -624,8 +628,9 @@ def _admin(r: _Reader, env: Mapping[str, str]) -> AdminConfig:
 def _log(r: _Reader) -> LogConfig:
     level = r.choice("level", ("debug", "info", "warning", "error"), "info")
     fmt: Any = r.choice("format", ("auto", "json", "console"), "auto")
+    flush = r.integer("access_flush_ms", LogConfig().access_flush_ms, 0, 60_000)
     r.done()
-    return LogConfig(level=level, format=fmt)
+    return LogConfig(level=level, format=fmt, access_flush_ms=flush)
 
 
 def _match(r: _Reader, name: str) -> MatchSpec:

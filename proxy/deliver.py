@@ -20,12 +20,13 @@ from .config import CacheConfig
 from .context import Ctx
 from .entry import Entry
 from .errors import UpstreamError
+from .invalidation import SURROGATE_HEADERS
 from .metrics import Metrics
 from .outcome import CacheStatus, Outcome
 from .upstream import UpstreamResponse
 
 _INTERNAL_RESPONSE_FIELDS = frozenset({"x-cache"})
-_SURROGATE_FIELDS = ("Surrogate-Key", "Cache-Tag")
+_SURROGATE_FIELDS = SURROGATE_HEADERS
 _FROM_CACHE = frozenset({Outcome.HIT, Outcome.STALE, Outcome.COALESCED, Outcome.REVALIDATED})
 
 
@@ -56,15 +57,20 @@ class Delivery:
         field, including those the store left out (qualified no-cache / private)."""
         ctx.cache = status
         req = ctx.request
-        headers: CIMultiDict[str] = CIMultiDict(
-            (k, v) for k, v in (entry.headers if fields is None else fields)
-            if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
-        if not self.keep_surrogate:
-            for name in _SURROGATE_FIELDS:
-                headers.popall(name, None)
+        headers: CIMultiDict[str]
+        if fields is None:  # stored fields are ready to send (see verdict.make_entry)
+            headers = CIMultiDict(entry.headers)
+        else:
+            headers = CIMultiDict((k, v) for k, v in fields
+                                  if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
+            if not self.keep_surrogate:
+                for name in _SURROGATE_FIELDS:
+                    headers.popall(name, None)
         headers["Age"] = str(min(int(age), policy.DELTA_MAX))
         self.cache_headers(headers, ctx, status)
-        if entry.status == 200 and policy.not_modified(list(req.headers.items()), entry.headers):
+        if entry.status == 200 and ("If-None-Match" in req.headers or
+                                    "If-Modified-Since" in req.headers) and \
+                policy.not_modified(list(req.headers.items()), entry.headers):
             keep = CIMultiDict((k, v) for k, v in headers.items()
                                if k.lower() in policy.NOT_MODIFIED_FIELDS)
             for name in ("Age", "X-Cache", "Cache-Status", "X-Request-ID"):

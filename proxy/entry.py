@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import EntryCorrupt
-from .policy import StoredFacts, current_age, get_first
+from .policy import StoredFacts, current_age, fresh_until, get_first
 
 FORMAT_VERSION = 1
 
@@ -38,6 +38,11 @@ class Entry:
     tags: tuple[str, ...]
     vary: tuple[tuple[str, str | None], ...] = ()  # (name, normalised request value)
     purged_at: float | None = None
+    # Derived once (policy.fresh_until): the hit path compares a clock with it, nothing more.
+    fresh_until: float = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fresh_until", fresh_until(self.facts()))
 
     @property
     def has_validators(self) -> bool:

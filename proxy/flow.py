@@ -24,7 +24,7 @@ from urllib.parse import unquote
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .accesslog import Recorder
+from .accesslog import AccessLog, Recorder
 from .coalesce import Coalescer, Follow, Lead
 from .config import Config
 from .context import Ctx, RequestIds
@@ -63,7 +63,7 @@ class Explained:
 class Flow:
     def __init__(self, config: Config, store: Store, upstream: Upstream, metrics: Metrics,
                  coalescer: Coalescer, invalidator: Invalidator, stats: Stats, l1: L1,
-                 feed: Feed) -> None:
+                 feed: Feed, access: AccessLog) -> None:
         self.store = store
         self.l1 = l1
         self.feed = feed
@@ -76,7 +76,7 @@ class Flow:
         self.fetcher = Fetcher(config.cache, store, self.forwarder, metrics, stats)
         self.writes = Writes(config.cache, self.planner, self.forwarder, invalidator,
                              self.deliver)
-        self.recorder = Recorder(metrics, stats)
+        self.recorder = Recorder(metrics, stats, access)
         self.ids = RequestIds()
         self.background: set[asyncio.Task[Any]] = set()
 

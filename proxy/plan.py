@@ -30,6 +30,7 @@ from .routes import Matched, Router, TemplateContext
 RequestHeaders = CIMultiDictProxy[str] | CIMultiDict[str]
 ValueOf = Callable[[str], str | None]
 
+_MATCHES_KEPT = 4096  # paths whose route is remembered (a bounded cache, emptied when full)
 # Request fields a template never sees (credentials are named by {user}, an HMAC).
 _UNTEMPLATED = frozenset({"authorization", "cookie"})
 
@@ -102,6 +103,11 @@ def decide(keyed: Keyed, stored: Entry | HitForMiss | None, *, blocked: bool,
     if isinstance(stored, Entry):
         if blocked:
             return Fill(detail="pending-invalidation")
+        if d is policy.NO_DIRECTIVES:
+            # The common case, without building the facts: policy.fresh_until says when.
+            ttl = stored.fresh_until - max(now, stored.response_time)
+            if ttl > 0:
+                return Serve(stored, stored.age(now), CacheStatus(Outcome.HIT, ttl=ttl))
         r = policy.decide(stored.facts(), d, now)
         if r.use is Use.FRESH:
             return Serve(stored, r.age, CacheStatus(Outcome.HIT, ttl=r.ttl))
@@ -145,6 +151,7 @@ class Planner:
         self.enabled = config.cache.enabled
         self.routes: Router[RouteConfig] = Router([(r.match, r) for r in config.routes])
         self.rules: Router[InvalidateRule] = Router([(r.match, r) for r in config.invalidate])
+        self._matches: dict[str, Matched[RouteConfig] | None] = {}  # path -> route
         self.identity_header = config.cache.identity.header
         self.identity_cookie = config.cache.identity.cookie
         self._secret = config.cache.key_secret.encode()
@@ -157,7 +164,12 @@ class Planner:
              headers: RequestHeaders, cookie: str | None, has_body: bool) -> ReadPlan:
         """``path`` is decoded (for matching), ``raw_path`` and ``query`` as sent (for the
         key); ``cookie`` is the value of the identity cookie, when one is configured."""
-        matched = self.routes.match("GET", path)
+        matched = self._matches.get(path)
+        if matched is None and path not in self._matches:
+            matched = self.routes.match("GET", path)
+            if len(self._matches) >= _MATCHES_KEPT:
+                self._matches.clear()
+            self._matches[path] = matched
         route = matched.item if matched is not None else None
         if not self.enabled:
             return Pass(_passed("cache-disabled"), route)
@@ -174,8 +186,10 @@ class Planner:
         scope = self.scope(route, headers.get(self.identity_header), cookie)
         if scope is None:
             return Pass(_passed("no-credential"), route)
-        directives = RequestDirectives.of(list(headers.items())) \
-            if route.honor_request_directives else policy.NO_DIRECTIVES
+        directives = policy.NO_DIRECTIVES
+        if route.honor_request_directives and ("Cache-Control" in headers or
+                                               "Pragma" in headers):
+            directives = RequestDirectives.of(list(headers.items()))
         if directives.no_store:
             return Pass(CacheStatus(Outcome.PASS, "request-no-store", fwd="request"), route)
         return Keyed(route, matched.params, scope, keys.primary_key(raw_path, query, scope),

@@ -403,11 +403,13 @@ def _lifetime(status: int, headers: Headers, cc: CacheControl, route: RouteConfi
     return 0.0, "none"
 
 
-def stored_fields(headers: Headers, response_time: float) -> list[tuple[str, str]]:
-    """The header section a cache keeps: what ``strip_unstorable_fields`` leaves, with a
-    ``Date`` added when the upstream sent none (RFC 9110 §6.6.1: a recipient with a clock
-    adds the time it received the message at)."""
-    kept = strip_unstorable_fields(headers)
+def stored_fields(headers: Headers, response_time: float,
+                  drop: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """The header section a cache keeps: what ``strip_unstorable_fields`` leaves (and
+    without the fields named in ``drop``), with a ``Date`` added when the upstream sent none
+    (RFC 9110 §6.6.1: a recipient with a clock adds the time it received the message at)."""
+    dropped = frozenset(n.lower() for n in drop)
+    kept = [(k, v) for k, v in strip_unstorable_fields(headers) if k.lower() not in dropped]
     if get_first(kept, "date") is None:
         kept.append(("Date", format_http_date(response_time)))
     return kept
@@ -526,7 +528,7 @@ class RequestDirectives:
             v = cc.delta("max-stale")
             max_stale = v if isinstance(v, int) else DELTA_MAX
         max_age = cc.delta("max-age")
-        return cls(
+        found = cls(
             no_cache="no-cache" in cc,
             no_store="no-store" in cc,
             only_if_cached="only-if-cached" in cc,
@@ -536,6 +538,9 @@ class RequestDirectives:
             min_fresh=delta("min-fresh"),
             stale_if_error=delta("stale-if-error"),
         )
+        # Directives that ask nothing (unknown ones) are the shared NO_DIRECTIVES: callers
+        # recognise it by identity.
+        return NO_DIRECTIVES if found == NO_DIRECTIVES else found
 
 
 NO_DIRECTIVES = RequestDirectives()
@@ -557,6 +562,16 @@ def age_and_ttl(facts: StoredFacts, now: float) -> tuple[float, float]:
         lifetime = min(lifetime, current_age(facts.initial_age, facts.response_time,
                                              facts.purged_at))
     return age, lifetime - age
+
+
+def fresh_until(facts: StoredFacts) -> float:
+    """The time until which the stored response is fresh for a request without directives:
+    ``decide`` says FRESH exactly when ``max(now, response_time) < fresh_until``, and the
+    remaining freshness is then ``fresh_until - max(now, response_time)``. -inf for no-cache."""
+    if facts.no_cache:
+        return float("-inf")
+    _, ttl = age_and_ttl(facts, facts.response_time)
+    return facts.response_time + ttl
 
 
 def decide(facts: StoredFacts, req: RequestDirectives, now: float) -> Decision:

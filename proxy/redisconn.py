@@ -90,8 +90,11 @@ class RedisConn:
             self.observe(op, 0.0, "circuit-open")
             raise StoreUnavailable("circuit-open")
         started = time.perf_counter()
+        limit = budget_s or self.call_limit_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
         try:
-            async with asyncio.timeout(budget_s or self.call_limit_s):
+            async with asyncio.timeout(limit):
                 result = await fn()
         except rex.ResponseError as e:
             if str(e).startswith("WRONGTYPE"):
@@ -101,6 +104,10 @@ class RedisConn:
             kind = "oom" if isinstance(e, rex.OutOfMemoryError) else "response"
         except (TimeoutError, rex.RedisError) as e:
             kind = _kind(e)
+            if kind == "timeout" and loop.time() - deadline > limit / 2:
+                # The timer fired long after its time: this process was starved (a burst,
+                # a busy CPU), not Redis slow. Counted, but it does not trip the breaker.
+                kind = "local-slow"
         else:
             if self.breaker.state is not State.CLOSED:
                 log.info("redis is back: caching resumes", op=op)
@@ -114,7 +121,7 @@ class RedisConn:
     def _failed(self, op: str, kind: str, trips: bool) -> None:
         if kind in ("oom", "response"):
             self.breaker.success()  # Redis answered: it is up, only this command failed
-        elif trips and kind != "pool":  # a local pool shortage says nothing about Redis
+        elif trips and kind not in ("pool", "local-slow"):  # says nothing about Redis
             was_open = self.breaker.state is State.OPEN
             self.breaker.failure(self._clock())
             if self.breaker.state is State.OPEN and not was_open:

@@ -13,6 +13,7 @@ cost grows with what it deletes, never with the keyspace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class Store:
         # sends each message to the shard's own node, not to every node.
         self.publish = "PUBLISH"
         self._sha: dict[str, str] = {}
+        self._batch = _Batch(self)
 
     async def start(self) -> None:
         """Learn what the server offers (best effort: without Redis, start anyway)."""
@@ -121,7 +123,7 @@ class Store:
                       lock: tuple[str | None, bool]) -> list[Any]:
         k = [key, shard.marker, shard.lock(primary)]
         a = [shard.prefix, lock[0] or "", self.lock_ms, MARKER_TTL_MS, 1 if lock[1] else 0]
-        reply: list[Any] = await self.conn.run("lookup", lambda: self._eval(scripts.LOOKUP, k, a))
+        reply: list[Any] = await self._batch.submit(k, a)
         return reply
 
     async def _stored(self, key: str, reply: list[Any]) -> Entry | HitForMiss | None:
@@ -234,6 +236,49 @@ class Store:
                     nxt[i] = (finished, int(offset), False)
             state = nxt
         return total
+
+
+class _Batch:
+    """Lookups issued in the same event-loop tick go out as one pipeline, under one budget:
+    a burst of requests costs one round trip, and trips the breaker at most once."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._calls: list[tuple[list[str], list[Any]]] = []
+        self._waiting: list[asyncio.Future[Any]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    def submit(self, keys_: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if not self._calls:
+            loop.call_soon(self._flush)
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._calls.append((keys_, args))
+        self._waiting.append(fut)
+        return fut
+
+    def _flush(self) -> None:
+        calls, waiting = self._calls, self._waiting
+        self._calls, self._waiting = [], []
+        task = asyncio.get_running_loop().create_task(self._run(calls, waiting))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _run(self, calls: list[tuple[list[str], list[Any]]],
+                   waiting: list[asyncio.Future[Any]]) -> None:
+        store = self.store
+        try:
+            replies = await store.conn.run(
+                "lookup", lambda: store._eval_many(scripts.LOOKUP, calls))
+        except (StoreUnavailable, EntryCorrupt) as e:
+            for fut in waiting:
+                if not fut.done():  # each its own exception: tracebacks are not shared
+                    fut.set_exception(StoreUnavailable(e.kind) if isinstance(
+                        e, StoreUnavailable) else EntryCorrupt(str(e)))
+            return
+        for fut, reply in zip(waiting, replies, strict=True):
+            if not fut.done():
+                fut.set_result(reply)
 
 
 def _released(lock: FillLock | None) -> None:

@@ -19,7 +19,7 @@ from . import policy
 from .config import CacheConfig
 from .entry import Entry
 from .errors import UpstreamError
-from .invalidation import MAX_TAGS_PER_ENTRY, entry_tags
+from .invalidation import MAX_TAGS_PER_ENTRY, SURROGATE_HEADERS, entry_tags
 from .outcome import CacheStatus, Outcome
 from .plan import Keyed, template_context
 
@@ -158,7 +158,10 @@ def make_entry(keyed: Keyed, status: int, headers: list[tuple[str, str]], head: 
                       ctx=template, response_headers=headers)
     return Entry(
         status=status,
-        headers=tuple(policy.stored_fields(headers, head.response_time)),
+        # Stored ready to send: Surrogate-Key and Cache-Tag are read (tags) and dropped.
+        headers=tuple(policy.stored_fields(
+            headers, head.response_time,
+            drop=() if cfg.keep_surrogate_headers else SURROGATE_HEADERS)),
         body=body,
         request_time=head.request_time,
         response_time=head.response_time,

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
-from .conftest import StubControl
+from .conftest import MakeProxy, StubControl
 from .procs import RedisServer, proxies, start_python, stop
 
 pytestmark = pytest.mark.e2e
@@ -96,3 +96,39 @@ async def test_crashed_lock_holder_does_not_block_others(
     finally:
         stop(a)
         stop(b)
+
+
+# -- stampedes: one upstream fetch at any concurrency --------------------------------------------
+
+async def _stampede(urls: list[str], n: int) -> list[tuple[int, str, str]]:
+    conn = aiohttp.TCPConnector(limit=n)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=conn, timeout=timeout) as s:
+        return await asyncio.gather(*(_get(s, urls[i % len(urls)]) for i in range(n)))
+
+
+def _one_fetch(results: list[tuple[int, str, str]]) -> None:
+    assert {(status, body) for status, _, body in results} == {(200, "fetched once")}
+    outcomes = [x for _, x, _ in results]
+    assert outcomes.count("MISS") == 1, sorted(set(outcomes))
+    assert set(outcomes) <= {"MISS", "COALESCED", "HIT"}  # never BYPASS
+
+
+@pytest.mark.parametrize("n", [200, 1000])
+async def test_stampede_on_one_process_reaches_the_upstream_once(
+        make_proxy: MakeProxy, stubctl: StubControl, n: int) -> None:
+    proxy = await make_proxy()
+    await stubctl.program("cold", headers=[["Cache-Control", "max-age=600"]],
+                          body="fetched once", delay_ms=450)  # the backend's real latency
+    _one_fetch(await _stampede([str(proxy.make_url("/p/cold"))], n))
+    assert await stubctl.count("GET /p/{name}") == 1
+
+
+@pytest.mark.parametrize("n", [200, 1000])
+async def test_stampede_on_two_processes_reaches_the_upstream_once(
+        two_proxies: tuple[str, str], stubctl: StubControl, n: int) -> None:
+    a, b = two_proxies
+    await stubctl.program("cold", headers=[["Cache-Control", "max-age=600"]],
+                          body="fetched once", delay_ms=450)
+    _one_fetch(await _stampede([a + "/p/cold", b + "/p/cold"], n))
+    assert await stubctl.count("GET /p/{name}") == 1

@@ -34,7 +34,8 @@ def stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[tuple[str, str,
         proxy, proxy_url = start_python(
             "proxy", ["--config", str(ROOT / "config.yaml"), "--port", "0"],
             env={"UPSTREAM_URL": stub_url, "REDIS_CACHE_URL": redis_server.url(),
-                 "LOG_FORMAT": "json", "CACHE_KEY_SECRET": "e2e-secret-0123456789"},
+                 "LOG_FORMAT": "json", "CACHE_KEY_SECRET": "e2e-secret-0123456789",
+                 "LOG_ACCESS_FLUSH_MS": "0"},  # unbuffered: each line as it happens
             log_file=log)
         try:
             yield proxy_url, stub_url, log

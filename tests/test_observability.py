@@ -4,7 +4,9 @@ config schema."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,8 +21,9 @@ import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import ADMIN, KEYSPACE, STATS, push_stats
-from proxy.config import load_config, parse_config
+from proxy.accesslog import AccessLog
+from proxy.app import ACCESS_LOG, ADMIN, KEYSPACE, STATS, push_stats
+from proxy.config import LogConfig, load_config, parse_config
 from proxy.schema import config_schema
 
 from .browser import Browser
@@ -115,7 +118,8 @@ async def test_invalidations_and_errors_are_counted(make_proxy: MakeProxy,
 async def test_breaker_transitions_are_logged(make_proxy: MakeProxy,
                                               redis_server: RedisServer) -> None:
     proxy = await make_proxy()
-    with structlog.testing.capture_logs() as logs:
+    assert proxy.app is not None
+    with structlog.testing.capture_logs() as logs, proxy.app[ACCESS_LOG].capture() as access:
         redis_server.kill()
         for _ in range(3):
             await (await proxy.get("/sessions", headers=ALICE)).read()
@@ -129,7 +133,6 @@ async def test_breaker_transitions_are_logged(make_proxy: MakeProxy,
     events = [(e["event"], e.get("kind")) for e in logs if e["event"].startswith("redis")]
     assert events[0] == ("redis unavailable: requests bypass the cache", "connection")
     assert events[-1][0] == "redis is back: caching resumes"
-    access = [e for e in logs if e["event"] == "request"]
     assert {e["detail"] for e in access if e["outcome"] == "bypass"} <= {
         "redis-connection", "redis-circuit-open"}
 
@@ -340,3 +343,32 @@ def test_every_schema_key_is_accepted_by_the_loader() -> None:
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"cache": {"ttl": 1}}, schema)
     assert load_config(ROOT / "config.yaml", {}).routes
+
+
+# -- the access log is buffered, as nginx's -------------------------------------------------------
+
+async def test_access_lines_are_buffered_then_flushed() -> None:
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for a whole flush
+    os.set_blocking(read_fd, False)
+    try:
+        access = AccessLog(LogConfig(format="json", access_flush_ms=50), fd=write_fd)
+        access.write({"request_id": "r1", "path": "/x\u00e9\"", "status": 200})
+        with pytest.raises(BlockingIOError):
+            os.read(read_fd, 65536)  # nothing written yet
+        flushed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(read_fd, flushed.set)
+        await asyncio.wait_for(flushed.wait(), 5)  # ... until the flush interval passed
+        asyncio.get_running_loop().remove_reader(read_fd)
+        [line] = os.read(read_fd, 65536).decode().splitlines()
+        assert json.loads(line) | {"timestamp": "t"} == {
+            "request_id": "r1", "path": "/x\u00e9\"", "status": 200, "event": "request",
+            "level": "info", "timestamp": "t"}
+        for i in range(700):  # 64 KiB gathered: written at once, no timer needed
+            access.write({"request_id": f"r{i}", "path": "/" + "p" * 40})
+        assert len(os.read(read_fd, 1 << 20)) > 60_000
+        quiet = AccessLog(LogConfig(level="warning", format="json"), fd=write_fd)
+        assert not quiet.enabled
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
