@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint bench bench-purge bench-parsers conformance soak soak-memory clean
+.PHONY: setup run test lint bench bench-purge bench-parsers bench-codecs conformance soak soak-memory clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,9 @@ bench-purge: setup
 
 bench-parsers: setup
 	$(BIN)/python -m bench.parsers
+
+bench-codecs: setup
+	$(BIN)/python -m bench.codecs
 
 # Minutes of users reading and writing through two proxies while Redis fails (bounded).
 soak: setup

@@ -289,7 +289,8 @@ def _listed(key: str, ttl_ms: int, fields: dict[bytes, bytes],
                             "soft_purged": stored.purged_at is not None}
     if bodies:
         item["size"] = len(stored.body)
-        item["body"] = stored.body.decode("utf-8", "replace")
+        item["encoded"] = stored.encoded or None
+        item["body"] = stored.plain().decode("utf-8", "replace")
     return item
 
 

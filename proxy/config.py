@@ -107,6 +107,8 @@ class CacheConfig:
     max_entry_ttl_s: int = 7 * 86400
     keep_surrogate_headers: bool = False
     invalidation_wait_ms: int = 2000
+    # Textual bodies at least this large are stored gzip-compressed (0: never).
+    compress_min_bytes: int = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +515,7 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         keep_surrogate_headers=r.flag("keep_surrogate_headers", d.keep_surrogate_headers),
         invalidation_wait_ms=r.integer("invalidation_wait_ms", d.invalidation_wait_ms, 0,
                                        60_000),
+        compress_min_bytes=r.integer("compress_min_bytes", d.compress_min_bytes, 0),
     )
     r.done()
     return out

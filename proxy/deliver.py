@@ -15,7 +15,7 @@ from http import HTTPStatus
 from aiohttp import web
 from multidict import CIMultiDict, MutableMultiMapping
 
-from . import policy
+from . import encoding, policy
 from .config import CacheConfig
 from .context import Ctx
 from .entry import Entry
@@ -66,6 +66,9 @@ class Delivery:
             if not self.keep_surrogate:
                 for name in _SURROGATE_FIELDS:
                     headers.popall(name, None)
+        body = entry.body
+        if entry.encoded:
+            body = self._negotiate(req.headers.get("Accept-Encoding"), entry, headers)
         headers["Age"] = str(min(int(age), policy.DELTA_MAX))
         self.cache_headers(headers, ctx, status)
         if entry.status == 200 and ("If-None-Match" in req.headers or
@@ -79,8 +82,21 @@ class Delivery:
             return web.Response(status=304, headers=keep)
         ctx.http_status = entry.status
         if req.method != "HEAD" and status.outcome in _FROM_CACHE:
-            ctx.served_bytes = len(entry.body)
-        return web.Response(status=entry.status, headers=headers, body=entry.body)
+            ctx.served_bytes = len(body)
+        return web.Response(status=entry.status, headers=headers, body=body)
+
+    @staticmethod
+    def _negotiate(accept: str | None, entry: Entry, headers: CIMultiDict[str]) -> bytes:
+        """A body the proxy compressed: as it is for a client that accepts gzip (another
+        representation: weak ETag), decompressed for one that does not; both vary."""
+        headers["Vary"] = encoding.with_vary(list(headers.items()), "Accept-Encoding")
+        if not encoding.accepts_gzip(accept):
+            return entry.plain()
+        headers["Content-Encoding"] = encoding.GZIP
+        etag = headers.get("ETag")
+        if etag is not None:
+            headers["ETag"] = encoding.weakened(etag)
+        return entry.body
 
     def buffered(self, ctx: Ctx, up_status: int, up_headers: list[tuple[str, str]],
                  body: bytes, status: CacheStatus) -> web.Response:

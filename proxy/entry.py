@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .encoding import decompress
 from .errors import EntryCorrupt
 from .policy import StoredFacts, current_age, fresh_until, get_first
 
@@ -38,11 +39,27 @@ class Entry:
     tags: tuple[str, ...]
     vary: tuple[tuple[str, str | None], ...] = ()  # (name, normalised request value)
     purged_at: float | None = None
+    encoded: str = ""  # "gzip": the proxy compressed the body (the headers do not say so)
     # Derived once (policy.fresh_until): the hit path compares a clock with it, nothing more.
     fresh_until: float = field(init=False, compare=False, repr=False)
+    # The decompressed body of an encoded entry, once some client needed it.
+    plain_memo: bytes | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fresh_until", fresh_until(self.facts()))
+
+    def plain(self) -> bytes:
+        """The body as the upstream sent it."""
+        if not self.encoded:
+            return self.body
+        if self.plain_memo is None:
+            object.__setattr__(self, "plain_memo", decompress(self.body))
+        assert self.plain_memo is not None
+        return self.plain_memo
+
+    def remember_plain(self, body: bytes) -> None:
+        """The body before the proxy compressed it (spares decompressing it again)."""
+        object.__setattr__(self, "plain_memo", body)
 
     @property
     def has_validators(self) -> bool:
@@ -83,6 +100,7 @@ class Entry:
             "r": self.route,
             "t": self.tags,
             "vy": self.vary,
+            "ce": self.encoded,
         }, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -141,6 +159,7 @@ def decode_entry(meta_raw: bytes, body: bytes, purged_at: float | None) -> Entry
             tags=tuple(str(t) for t in m["t"]),
             vary=tuple((str(n), None if v is None else str(v)) for n, v in m["vy"]),
             purged_at=purged_at,
+            encoded=str(m.get("ce", "")),
         )
     except EntryCorrupt:
         raise

@@ -98,7 +98,8 @@ class Fetcher:
             self.metrics.upstream_errors.labels(e.kind).inc()
             ctx.error = f"upstream-{e.kind}"
             return _failed(keyed, stale, e)
-        full = verdict.on_body(v, body, complete)
+        full = verdict.on_body(v, body, complete,
+                               compress_min_bytes=self.cfg.compress_min_bytes)
         if isinstance(full, verdict.Uncacheable):
             await self._hit_for_miss(keyed, full, lock)
             return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, full.reason,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from . import policy
+from . import encoding, policy
 from .config import CacheConfig
 from .entry import Entry
 from .errors import UpstreamError
@@ -102,8 +102,9 @@ def on_response(keyed: Keyed, head: ResponseHead, stale: Entry | None, *, valida
             return Refetch()
         merged = policy.merge_304(stale.headers, head.headers)
         fresh = make_entry(keyed, stale.status, merged, head, cfg, body=stale.body)
-        # The variant stays the one that was stored; tags come from the merged headers.
-        fresh = replace(fresh, vary=stale.vary)
+        # The variant and the body's encoding stay the stored ones; tags come from the
+        # merged headers.
+        fresh = replace(fresh, vary=stale.vary, encoded=stale.encoded)
         return Revalidated(fresh, _storage_ttl(fresh, keyed, cfg))
     if head.status >= 500 and stale is not None and \
             policy.may_serve_stale_on_error(stale.facts(), keyed.directives, now):
@@ -125,10 +126,18 @@ def on_response(keyed: Keyed, head: ResponseHead, stale: Entry | None, *, valida
     return Store(entry, ttl)
 
 
-def on_body(store: Store, body: bytes, complete: bool) -> Store | Uncacheable:
+def on_body(store: Store, body: bytes, complete: bool, *,
+            compress_min_bytes: int = 0) -> Store | Uncacheable:
+    """The whole body arrived (or did not fit): it is stored compressed when that is worth
+    it (``encoding``)."""
     if not complete:
         return Uncacheable("too-large")
-    return Store(replace(store.entry, body=body), store.ttl)
+    entry = store.entry
+    if encoding.worth_compressing(entry.headers, body, compress_min_bytes):
+        packed = replace(entry, body=encoding.compress(body), encoded=encoding.GZIP)
+        packed.remember_plain(body)
+        return Store(packed, store.ttl)
+    return Store(replace(entry, body=body), store.ttl)
 
 
 def on_error(keyed: Keyed, stale: Entry | None, error: UpstreamError,

@@ -83,7 +83,7 @@ def redis_info(server: RedisServer, section: str) -> dict[str, Any]:
 async def build_pressure(reader: Reader, server: RedisServer, rounds: int) -> int:
     """Other users fill pages while alice's stay hot; returns the keys Redis evicted."""
     reads = [(u, f"/transactions?session_id={u}-s{s}&page={p}&page_size={size}")
-             for p in range(1, 5) for size in (40, 41) for s in (1, 2, 3)
+             for p in range(1, 5) for size in (100, 101) for s in (1, 2, 3)
              for u in ("bob", "carol", "dave")]
     for i in range(rounds):
         await reader.read(*reads[i % len(reads)])
@@ -99,7 +99,7 @@ async def test_memory_pressure_costs_misses_only(pressured: TestClient[Any, Any]
     for page in ALICE_PAGES * 2:
         await reader.read("alice", page)
     used = int(redis_info(pressured_redis, "memory")["used_memory"])
-    pressured_redis.client().config_set("maxmemory", used + 400_000)
+    pressured_redis.client().config_set("maxmemory", used + 150_000)
     policy = redis_info(pressured_redis, "memory")["maxmemory_policy"]
     evicted = 0
     for _ in range(3):  # pressure, then alice writes and reads, three times over
