@@ -10,6 +10,7 @@ import re
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -41,11 +42,24 @@ def _check_loopback(url: str) -> None:
 
 
 def run(url: str, headers: dict[str, str], *, seconds: float, connections: int,
-        max_requests: int, prefer_wrk: bool = True) -> Result:
+        max_requests: int, prefer_wrk: bool = True, unique: bool = False) -> Result:
+    """Load ``url``; ``unique``: every request with a query parameter of its own (misses)."""
     _check_loopback(url)
     if prefer_wrk and shutil.which("wrk"):
-        return _wrk(url, headers, seconds, connections)
-    return asyncio.run(_python(url, headers, seconds, connections, max_requests))
+        return _wrk(url, headers, seconds, connections, unique)
+    return asyncio.run(_python(url, headers, seconds, connections, max_requests, unique))
+
+
+# Each request its own URL: "<path>&n=<counter>" (wrk runs it per thread: counters differ).
+_UNIQUE_LUA = """
+local counter = 0
+local thread_id = 0
+function setup(thread) thread_id = thread_id + 1; thread:set("tid", thread_id) end
+function request()
+  counter = counter + 1
+  return wrk.format(nil, wrk.path .. "&n=" .. tid .. "-" .. counter)
+end
+"""
 
 
 _DURATION = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
@@ -58,13 +72,19 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * _DURATION[m.group(2)]
 
 
-def _wrk(url: str, headers: dict[str, str], seconds: float, connections: int) -> Result:
+def _wrk(url: str, headers: dict[str, str], seconds: float, connections: int,
+         unique: bool) -> Result:
     args = ["wrk", "--latency", "-t", "2", "-c", str(connections), "-d", f"{seconds:.0f}s",
             "--timeout", "5s"]
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
-    out = subprocess.run([*args, url], capture_output=True, text=True, timeout=seconds + 30,
-                         check=True).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if unique:
+            script.write(_UNIQUE_LUA)
+            script.flush()
+            args += ["-s", script.name]
+        out = subprocess.run([*args, url], capture_output=True, text=True,
+                             timeout=seconds + 30, check=True).stdout
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
@@ -80,7 +100,7 @@ def _wrk(url: str, headers: dict[str, str], seconds: float, connections: int) ->
 
 
 async def _python(url: str, headers: dict[str, str], seconds: float, connections: int,
-                  max_requests: int) -> Result:
+                  max_requests: int, unique: bool) -> Result:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
@@ -94,7 +114,7 @@ async def _python(url: str, headers: dict[str, str], seconds: float, connections
                 issued += 1
                 t = time.perf_counter()
                 try:
-                    async with session.get(url) as resp:
+                    async with session.get(url + f"&n={issued}" if unique else url) as resp:
                         await resp.read()
                         if resp.status >= 400:
                             errors += 1

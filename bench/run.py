@@ -1,100 +1,142 @@
-"""``make bench``: cached responses through the proxy against the stub reached directly.
+"""``make bench``: hits and misses through the proxy against aiohttp's ceiling, in one run.
 
-Starts a private redis-server, the stub (twice: with its realistic latency, and with none)
-and a proxy in front of each, warms one key, then loads (bounded in time and requests):
+Starts a private redis-server, the stub (no latency), two proxies with config.yaml in front
+of it (the second with its L1 off), and the ceiling (``bench/ceiling.py``: the proxy's
+cached response as a constant body). Then measures, each run bounded in time and requests,
+with wrk when installed (else a bounded asyncio client), loopback only:
 
-* the stub directly, and the proxy's hit for the same URL, with the stub's latency on:
-  what a client gains from the cache;
-* the same with the stub's latency off: what the proxy costs per request compared with
-  a bare aiohttp server returning the same JSON (the baseline for the proxy's overhead).
+* the ceiling, and the proxy's hit for the same page: from the L1, and from Redis;
+* misses under load: every request a URL of its own, through the proxy and to the stub;
+* the miss overhead: sequential requests with URLs of their own, a new connection each,
+  through the proxy and to the stub directly (medians, milliseconds);
+* what Redis holds per raw JSON byte once 300 distinct 100-item pages are stored.
 
-Reports throughput, p50 and p99, and ratios against the baseline measured in the same run.
-Options through the environment: BENCH_SECONDS (5), BENCH_CONNECTIONS (32), BENCH_TOOL
-(wrk or python; wrk when installed).
+Prints a table with ratios to the ceiling and writes bench/results/bench.json. Options:
+BENCH_SECONDS (5), BENCH_CONNECTIONS (50), BENCH_TOOL (wrk or python).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
-from tests.procs import RedisServer, start_python, stop
+import yaml
+
+from tests.procs import ROOT, RedisServer, start_python, stop
 
 from . import load
 
-ROOT = Path(__file__).resolve().parent.parent
-URL_PATH = "/transactions?session_id=alice-s1&page_size=100"
+PAGE = "/transactions?session_id=alice-s1&page_size=100"
 HEADERS = {"Authorization": "Bearer alice-token"}  # example token of the stub's demo user
+STORED_PAGES = 300
+SEQUENTIAL = 60
 
 
-def _get(url: str) -> tuple[int, dict[str, str]]:
+def _get(url: str) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=HEADERS)
     with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
-        resp.read()
-        return resp.status, dict(resp.headers)
+        return resp.status, dict(resp.headers), resp.read()
+
+
+def _sequential_ms(base: str, tag: str) -> float:
+    """Median latency of sequential requests with URLs of their own, a connection each."""
+    times = []
+    for i in range(SEQUENTIAL):
+        t = time.perf_counter()
+        _get(f"{base}{PAGE}&seq={tag}-{i}")
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+def _bytes_per_raw_byte(redis: RedisServer, proxy: str) -> float:
+    r = redis.client()
+    before = int(r.info("memory")["used_memory"])
+    raw = 0
+    for i in range(STORED_PAGES):
+        _, headers, body = _get(f"{proxy}{PAGE}&stored={i}")
+        assert headers["X-Cache"] == "MISS"
+        raw += len(body)
+    return (int(r.info("memory")["used_memory"]) - before) / raw
+
+
+Procs = list[subprocess.Popen[bytes]]
+
+
+def _start(redis: RedisServer, stub_url: str, tmp: Path) -> tuple[Procs, str, str]:
+    """Two proxies: the shipped config, and the same with the L1 off."""
+    env = {"REDIS_CACHE_URL": redis.url(), "UPSTREAM_URL": stub_url, "LOG_LEVEL": "warning",
+           "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
+    cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
+    cfg.setdefault("cache", {})["l1"] = {"max_mb": 0}
+    no_l1 = tmp / "no-l1.yaml"
+    no_l1.write_text(yaml.safe_dump(cfg))
+    procs: Procs = []
+    urls = []
+    for config in (ROOT / "config.yaml", no_l1):
+        proc, url = start_python("proxy", ["--config", str(config), "--port", "0"], env=env)
+        procs.append(proc)
+        urls.append(url)
+    return procs, urls[0], urls[1]
 
 
 def main() -> int:
     seconds = float(os.environ.get("BENCH_SECONDS", "5"))
-    conns = int(os.environ.get("BENCH_CONNECTIONS", "32"))
-    tool = os.environ.get("BENCH_TOOL", "wrk")
-    max_requests = 2_000_000
-    procs = []
+    conns = int(os.environ.get("BENCH_CONNECTIONS", "50"))
+    wrk = os.environ.get("BENCH_TOOL", "wrk") != "python"
+    procs: Procs = []
     redis = RedisServer().start()
-    results: dict[str, dict[str, float | str]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix="jsoncache-bench-"))
     try:
-        env = {"REDIS_CACHE_URL": redis.url(), "LOG_LEVEL": "warning", "LOG_FORMAT": "json",
-               "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
-        urls = {}
-        for scale in ("1", "0"):
-            stub, stub_url = start_python("upstream_stub", ["--port", "0",
-                                                            "--latency-scale", scale])
-            procs.append(stub)
-            proxy, proxy_url = start_python(
-                "proxy", ["--config", str(ROOT / "config.yaml"), "--port", "0"],
-                env={**env, "UPSTREAM_URL": stub_url})
-            procs.append(proxy)
-            urls[scale] = (stub_url, proxy_url)
-            _get(proxy_url + URL_PATH)  # warm: the benchmark measures hits
-            status, headers = _get(proxy_url + URL_PATH)
-            assert status == 200
-            assert headers.get("X-Cache") == "HIT", headers
-        print(f"load: {tool if tool == 'python' else 'wrk if installed'}, {conns} connections, "
-              f"{seconds:.0f} s per run, URL {URL_PATH}\n")
-        runs = [
-            ("stub, realistic latency (direct)", urls["1"][0]),
-            ("proxy hit, same stub", urls["1"][1]),
-            ("stub, no latency (direct) [baseline]", urls["0"][0]),
-            ("proxy hit, same stub", urls["0"][1]),
-        ]
-        measured = []
-        for name, base in runs:
-            r = load.run(base + URL_PATH, HEADERS, seconds=seconds, connections=conns,
-                         max_requests=max_requests, prefer_wrk=tool != "python")
-            measured.append(r)
-            print(f"{name:40s} {r.row()}")
-            results[name + (" " + base if name.startswith("proxy") else "")] = {
-                "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors,
-                "tool": r.tool}
-        slow_direct, slow_hit, base_direct, base_hit = measured
-        print()
-        print(f"cache benefit (realistic upstream): {slow_hit.rps / slow_direct.rps:8.1f}x "
-              f"throughput, p50 {slow_direct.p50_ms / max(slow_hit.p50_ms, 1e-6):8.1f}x faster")
-        print(f"proxy hit vs bare stub (baseline):  {base_hit.rps / base_direct.rps:8.2f}x "
-              f"throughput, p50 {base_hit.p50_ms / max(base_direct.p50_ms, 1e-6):8.2f}x the "
-              "latency")
+        stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
+        procs.append(stub)
+        started, proxy, proxy_no_l1 = _start(redis, stub_url, tmp)
+        procs += started
+        for base in (proxy, proxy_no_l1):
+            _get(base + PAGE)
+            status, headers, body = _get(base + PAGE)
+            assert (status, headers.get("X-Cache")) == (200, "HIT"), headers
+        (tmp / "body").write_bytes(body)
+        kept = {k: v for k, v in headers.items()
+                if k.lower() not in ("content-length", "date", "server")}
+        ceiling, ceiling_url = start_python("bench.ceiling", [
+            "--body", str(tmp / "body"), "--headers", json.dumps(kept)])
+        procs.append(ceiling)
+        print(f"load: {'wrk' if wrk else 'python'}, {conns} connections, {seconds:.0f} s a run,"
+              f" {len(body):,}-byte page {PAGE}\n")
+        runs = [("ceiling: constant body, aiohttp low-level server, uvloop", ceiling_url, False),
+                ("proxy hit (L1)", proxy, False),
+                ("proxy hit, L1 off (a Redis lookup each)", proxy_no_l1, False),
+                ("stub direct, every URL its own", stub_url, True),
+                ("proxy miss, every URL its own", proxy, True)]
+        results: dict[str, dict[str, float]] = {}
+        base_rps = 0.0
+        for name, url, unique in runs:
+            r = load.run(url + PAGE, HEADERS, seconds=seconds, connections=conns,
+                         max_requests=2_000_000, prefer_wrk=wrk, unique=unique)
+            base_rps = base_rps or r.rps
+            results[name] = {"rps": round(r.rps), "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+                             "errors": r.errors, "vs_ceiling": round(r.rps / base_rps, 3)}
+            print(f"{name:58s} {r.row()}   {r.rps / base_rps:5.2f}x ceiling")
+        direct = _sequential_ms(stub_url, "d")
+        through = _sequential_ms(proxy, "p")
+        per_byte = _bytes_per_raw_byte(redis, proxy)
+        print(f"\nmiss overhead (sequential, a connection each, medians): {through:.2f} ms "
+              f"through the proxy, {direct:.2f} ms direct: +{through - direct:.2f} ms")
+        print(f"Redis bytes per raw JSON byte ({STORED_PAGES} pages stored): {per_byte:.3f}")
         out = ROOT / "bench" / "results"
         out.mkdir(exist_ok=True)
-        (out / "hits.json").write_text(json.dumps({
-            "seconds": seconds, "connections": conns, "runs": results,
-            "ratios": {"benefit_rps": slow_hit.rps / slow_direct.rps,
-                       "hit_vs_baseline_rps": base_hit.rps / base_direct.rps,
-                       "hit_vs_baseline_p50": base_hit.p50_ms / max(base_direct.p50_ms, 1e-6)},
-        }, indent=2))
-        print(f"\nwritten to {out / 'hits.json'}")
+        (out / "bench.json").write_text(json.dumps({
+            "seconds": seconds, "connections": conns, "page_bytes": len(body), "runs": results,
+            "miss_overhead_ms": round(through - direct, 3),
+            "redis_bytes_per_raw_byte": round(per_byte, 3)}, indent=2))
+        print(f"\nwritten to {out / 'bench.json'}")
     finally:
         for p in procs:
             stop(p)

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from . import __version__
 from . import log as logsetup
-from .app import create_admin_app, create_app
+from .app import ProxyRunner, create_admin_app, create_app
 from .config import Config, ConfigError, load_config, redacted
 
 
@@ -83,8 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(config: Config, host: str, port: int, reuse_port: bool) -> None:
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                           shutdown_timeout=config.server.shutdown_timeout_s)
+    runner = ProxyRunner(app, access_log=None, handle_signals=False,
+                         shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port)
     await site.start()

@@ -14,7 +14,7 @@ from .errors import BadRequest
 
 
 class LimitedBody:
-    def __init__(self, req: web.Request, limit: int, timeout_s: float) -> None:
+    def __init__(self, req: web.BaseRequest, limit: int, timeout_s: float) -> None:
         self.req = req
         self.limit = limit
         self.timeout_s = timeout_s
@@ -41,7 +41,7 @@ class LimitedBody:
         return self.chunks()
 
 
-def limited(req: web.Request, limit: int, timeout_s: float) -> LimitedBody:
+def limited(req: web.BaseRequest, limit: int, timeout_s: float) -> LimitedBody:
     """The request's body as a stream; 413 at once when its declared length is too large."""
     if req.content_length is not None and req.content_length > limit:
         raise BadRequest(413, "request-too-large")

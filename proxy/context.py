@@ -33,7 +33,7 @@ class RequestIds:
 class Ctx:
     """What the access log line says of a request, filled in as it crosses the flow."""
 
-    request: web.Request
+    request: web.BaseRequest
     rid: str
     started: float
     method: str

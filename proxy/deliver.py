@@ -59,16 +59,22 @@ class Delivery:
         req = ctx.request
         headers: CIMultiDict[str]
         if fields is None:  # stored fields are ready to send (see verdict.make_entry)
-            headers = CIMultiDict(entry.headers)
+            gz = bool(entry.encoded) and encoding.accepts_gzip(req.headers.get("Accept-Encoding"))
+            ready = entry.ready.get("gzip" if gz else "plain")
+            if ready is None:
+                ready = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
+            base, body = ready
+            headers = base.copy()
         else:
             headers = CIMultiDict((k, v) for k, v in fields
                                   if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
             if not self.keep_surrogate:
                 for name in _SURROGATE_FIELDS:
                     headers.popall(name, None)
-        body = entry.body
-        if entry.encoded:
-            body = self._negotiate(req.headers.get("Accept-Encoding"), entry, headers)
+            body = entry.body
+            if entry.encoded:
+                body = self._negotiate(entry, headers, encoding.accepts_gzip(
+                    req.headers.get("Accept-Encoding")))
         headers["Age"] = str(min(int(age), policy.DELTA_MAX))
         self.cache_headers(headers, ctx, status)
         if entry.status == 200 and ("If-None-Match" in req.headers or
@@ -85,12 +91,18 @@ class Delivery:
             ctx.served_bytes = len(body)
         return web.Response(status=entry.status, headers=headers, body=body)
 
+    def _prepare(self, entry: Entry, gz: bool) -> tuple[CIMultiDict[str], bytes]:
+        """The stored header section and body as sent, once per entry and encoding."""
+        headers: CIMultiDict[str] = CIMultiDict(entry.headers)
+        body = self._negotiate(entry, headers, gz) if entry.encoded else entry.body
+        return headers, body
+
     @staticmethod
-    def _negotiate(accept: str | None, entry: Entry, headers: CIMultiDict[str]) -> bytes:
+    def _negotiate(entry: Entry, headers: CIMultiDict[str], gz: bool) -> bytes:
         """A body the proxy compressed: as it is for a client that accepts gzip (another
         representation: weak ETag), decompressed for one that does not; both vary."""
         headers["Vary"] = encoding.with_vary(list(headers.items()), "Accept-Encoding")
-        if not encoding.accepts_gzip(accept):
+        if not gz:
             return entry.plain()
         headers["Content-Encoding"] = encoding.GZIP
         etag = headers.get("ETag")

@@ -11,6 +11,8 @@ A body the upstream encoded itself is stored and sent as it came.
 
 from __future__ import annotations
 
+import functools
+
 from isal import igzip
 
 from .policy import Headers, get_first, split_list
@@ -41,6 +43,7 @@ def decompress(body: bytes) -> bytes:
     return plain
 
 
+@functools.lru_cache(maxsize=512)  # clients send a handful of different values
 def accepts_gzip(accept_encoding: str | None) -> bool:
     """RFC 9110 §12.5.3: gzip (or ``*``) listed with a q-value above 0."""
     if not accept_encoding:

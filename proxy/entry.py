@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .encoding import decompress
 from .errors import EntryCorrupt
@@ -44,6 +45,8 @@ class Entry:
     fresh_until: float = field(init=False, compare=False, repr=False)
     # The decompressed body of an encoded entry, once some client needed it.
     plain_memo: bytes | None = field(default=None, init=False, compare=False, repr=False)
+    # What delivery prepares once per entry (the header section ready to copy), by variant.
+    ready: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fresh_until", fresh_until(self.facts()))

@@ -169,9 +169,16 @@ class Feed:
         return self.up
 
     def _check_lease(self) -> None:
-        deadline = time.monotonic() - self.lease_s
-        self._set_up(bool(self._conns) and all(
-            c.alive >= deadline and not c.lost.done() for c in self._conns))
+        conns = self._conns
+        if len(conns) == 1:  # one node: the usual case, on every L1 answer
+            c = conns[0]
+            up = c.alive >= time.monotonic() - self.lease_s and not c.lost.done()
+        else:
+            deadline = time.monotonic() - self.lease_s
+            up = bool(conns) and all(c.alive >= deadline and not c.lost.done()
+                                     for c in conns)
+        if up != self.up:
+            self._set_up(up)
 
     async def _beat(self) -> None:
         """Ping every connection a few times per lease; judge the lease between beats."""

@@ -80,7 +80,7 @@ class Flow:
         self.ids = RequestIds()
         self.background: set[asyncio.Task[Any]] = set()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
         ctx = Ctx(request, self.ids.of(request.headers.get("X-Request-ID")),
                   time.perf_counter(), request.method, path, query)

@@ -51,7 +51,7 @@ class Forwarder:
             bodies.check(body)  # the client's own body was refused (413, 408): say that
             raise
 
-    def headers_for(self, req: web.Request, *,
+    def headers_for(self, req: web.BaseRequest, *,
                     strip_conditionals: bool) -> list[tuple[str, str]]:
         headers = self.upstream.forward_headers(
             list(req.headers.items()), client_ip=req.remote, proto=req.scheme,
@@ -77,8 +77,8 @@ class Forwarder:
             self.deliver.interim(ctx, up)
         return up
 
-    def request_body(self, req: web.Request) -> bodies.LimitedBody:
+    def request_body(self, req: web.BaseRequest) -> bodies.LimitedBody:
         return bodies.limited(req, self.body_limit, self.body_timeout_s)
 
-    async def read_request_body(self, req: web.Request) -> bytes:
+    async def read_request_body(self, req: web.BaseRequest) -> bytes:
         return b"".join([chunk async for chunk in self.request_body(req)])

@@ -80,7 +80,7 @@ class L1:
             self._vary.pop(primary, None)
             entry_id = primary
         self._remove(entry_id)
-        size = len(entry.body) + sum(len(k) + len(v) for k, v in entry.headers) + _OVERHEAD
+        size = _size(entry)
         if size > self.max_bytes // 4:
             return
         self._held[entry_id] = Held(entry, shard, size)
@@ -158,3 +158,13 @@ class L1:
 
     def on_fill(self, primary: str) -> None:
         pass
+
+
+def _size(entry: Entry) -> int:
+    """What holding ``entry`` may cost: its body, its decompressed body when the proxy
+    compressed it (gzip's trailer says how large: clients without gzip get it), the header
+    section twice (as stored, as prepared for sending), and bookkeeping."""
+    size = len(entry.body) + 2 * sum(len(k) + len(v) for k, v in entry.headers) + _OVERHEAD
+    if entry.encoded and len(entry.body) >= 4:
+        size += int.from_bytes(entry.body[-4:], "little")
+    return size

@@ -19,7 +19,7 @@ class Outcome(StrEnum):
     ERROR = "error"  # the upstream failed and nothing stored could stand in
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # built per request: not frozen (cheaper); never changed
 class CacheStatus:
     """What a response says about the cache's part in it (beside its HTTP status)."""
 
@@ -32,12 +32,14 @@ class CacheStatus:
 
     @property
     def x_cache(self) -> str:
-        return self.outcome.value.upper()
+        return _X_CACHE[self.outcome]
 
     def cache_status(self, name: str) -> str:
         """An RFC 9211 Cache-Status member for this cache."""
-        parts = [name]
         o = self.outcome
+        if o is Outcome.HIT and self.ttl is not None and self.ttl >= 0 and not self.detail:
+            return f"{name}; hit; ttl={int(self.ttl)}"  # every hit: the short way
+        parts = [name]
         if o in (Outcome.HIT, Outcome.STALE):
             parts.append("hit")
         else:
@@ -61,6 +63,7 @@ class CacheStatus:
         return replace(self, detail=detail)
 
 
+_X_CACHE = {o: o.value.upper() for o in Outcome}
 _FWD = {
     Outcome.MISS: "uri-miss",
     Outcome.REVALIDATED: "stale",

@@ -30,13 +30,17 @@ class Stats:
         self.top: Counter[tuple[str, str]] = Counter()  # (route, url) -> hits served
         # (unix time, hits, misses, requests) so far, sampled over time for charts
         self.history: deque[tuple[float, int, int, int]] = deque(maxlen=HISTORY_SAMPLES)
+        self._fields: dict[tuple[str, Outcome], str] = {}
 
     def _add(self, field: str, n: int = 1) -> None:
         self.counts[field] += n
         self._unpushed[field] += n
 
     def request(self, route: str, outcome: Outcome, url: str = "") -> None:
-        self._add(f"req|{route}|{outcome.value}")
+        field = self._fields.get((route, outcome))
+        if field is None:
+            field = self._fields[(route, outcome)] = f"req|{route}|{outcome.value}"
+        self._add(field)
         if outcome in HIT_OUTCOMES and url:
             self.top[(route, url)] += 1
             if len(self.top) > 2 * TOP_KEYS_KEPT:  # bounded: keep the most hit half
