@@ -20,9 +20,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client.metrics import Counter as PromCounter
-from prometheus_client.metrics import Histogram
-
 from .config import LogConfig
 from .context import Ctx
 from .log import get as get_logger
@@ -101,31 +98,19 @@ class Recorder:
         self.metrics = metrics
         self.stats = stats
         self.access = access
-        # Label children bound once per combination: a request touches no label machinery.
-        self._requests: dict[tuple[str, str, str], PromCounter] = {}
-        self._seconds: dict[str, Histogram] = {}
 
     def done(self, ctx: Ctx) -> None:
         elapsed = time.perf_counter() - ctx.started
-        outcome = ctx.cache.outcome.value
+        outcome = ctx.cache.outcome
         method = ctx.method if ctx.method in _METHODS else "other"
-        key = (ctx.route, method, outcome)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = self._requests[key] = self.metrics.requests.labels(*key)
-        counter.inc()
-        seconds = self._seconds.get(outcome)
-        if seconds is None:
-            seconds = self._seconds[outcome] = self.metrics.request_seconds.labels(outcome)
-        seconds.observe(elapsed)
-        self.stats.request(ctx.route, ctx.cache.outcome, ctx.path_qs)
-        if ctx.served_bytes:
-            self.metrics.served_bytes.inc(ctx.served_bytes)
+        self.metrics.request(ctx.route, method, outcome.value, elapsed, ctx.served_bytes)
+        self.stats.request(ctx.route, outcome, ctx.path_qs)
         if not self.access.enabled:
             return
         fields: dict[str, Any] = {
             "request_id": ctx.rid, "method": ctx.method, "path": ctx.path, "route": ctx.route,
-            "status": ctx.http_status, "outcome": outcome, "duration_ms": round(elapsed * 1000, 3),
+            "status": ctx.http_status, "outcome": outcome.value,
+            "duration_ms": round(elapsed * 1000, 3),
         }
         if ctx.cache.detail:
             fields["detail"] = ctx.cache.detail

@@ -9,13 +9,21 @@ merges them (counters and histograms summed, gauges per their mode).
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 
@@ -60,19 +68,68 @@ class _RedisCollector(Collector):
         yield per_route
 
 
+# Bucket bounds as prometheus_client writes them ("0.0005", ..., "+Inf").
+_BOUNDS = [floatToGoString(b) for b in _LATENCY_BUCKETS] + ["+Inf"]  # type: ignore[no-untyped-call]
+_REQUESTS = ("jsoncache_requests", "Client requests by route, method and cache outcome.")
+_DURATION = ("jsoncache_request_duration_seconds",
+             "Time from request to the response leaving the proxy, by cache outcome.")
+_SERVED = ("jsoncache_served_from_cache_bytes", "Body bytes served from the cache.")
+
+
+class _PerRequest(Collector):
+    """The three metrics every request updates, counted in plain Python (a dict update and a
+    bisect) and turned into metric families at scrape time: prometheus_client's objects take
+    a lock on every update, which cost a fifth of a hit. One process only: with several
+    workers the prometheus_client objects, which add up across processes, are used."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str], int] = {}
+        self.buckets: dict[str, list[int]] = {}  # per outcome; the last one is +Inf
+        self.sums: dict[str, float] = {}
+        self.served = 0
+
+    def record(self, route: str, method: str, outcome: str, seconds: float,
+               served: int) -> None:
+        key = (route, method, outcome)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        buckets = self.buckets.get(outcome)
+        if buckets is None:
+            buckets = self.buckets[outcome] = [0] * (len(_LATENCY_BUCKETS) + 1)
+            self.sums[outcome] = 0.0
+        buckets[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.sums[outcome] += seconds
+        self.served += served
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(*_REQUESTS, labels=["route", "method", "outcome"])
+        for labels, n in sorted(self.requests.items()):
+            requests.add_metric(list(labels), n)
+        yield requests
+        duration = HistogramMetricFamily(*_DURATION, labels=["outcome"])
+        for outcome, counts in sorted(self.buckets.items()):
+            duration.add_metric([outcome], list(zip(_BOUNDS, accumulate(counts), strict=True)),
+                                self.sums[outcome])
+        yield duration
+        yield CounterMetricFamily(*_SERVED, value=self.served)
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry if registry is not None else CollectorRegistry()
         self.registry = r
         self.redis_gauges = RedisGauges()
         self._redis_collector = _RedisCollector(self.redis_gauges)
-        self.requests = Counter(
-            "jsoncache_requests_total", "Client requests by route, method and cache outcome.",
-            ["route", "method", "outcome"], registry=r)
-        self.request_seconds = Histogram(
-            "jsoncache_request_duration_seconds",
-            "Time from request to the response leaving the proxy, by cache outcome.",
-            ["outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self._per_request: _PerRequest | None = None
+        if multiprocess_dir() is None:
+            self._per_request = _PerRequest()
+            r.register(self._per_request)
+        else:
+            self._requests = Counter(_REQUESTS[0] + "_total", _REQUESTS[1],
+                                     ["route", "method", "outcome"], registry=r)
+            self._request_seconds = Histogram(*_DURATION, ["outcome"],
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+            self._served_bytes = Counter(_SERVED[0] + "_total", _SERVED[1], registry=r)
         self.upstream_seconds = Histogram(
             "jsoncache_upstream_duration_seconds",
             "Time until the upstream's response headers arrived, by route.",
@@ -93,9 +150,6 @@ class Metrics:
             "jsoncache_entries_invalidated_total",
             "Entries deleted or marked stale, by reason (write, purge, soft-purge, flush).",
             ["reason"], registry=r)
-        self.served_bytes = Counter(
-            "jsoncache_served_from_cache_bytes_total", "Body bytes served from the cache.",
-            registry=r)
         self.coalesced = Counter(
             "jsoncache_coalesced_requests_total",
             "Requests answered by another request's upstream fetch.", registry=r)
@@ -115,6 +169,17 @@ class Metrics:
         self.build.labels(__version__).set(1)
         if multiprocess_dir() is None:
             r.register(self._redis_collector)
+
+    def request(self, route: str, method: str, outcome: str, seconds: float,
+                served: int) -> None:
+        """One client request answered (``served``: body bytes from the cache)."""
+        if self._per_request is not None:
+            self._per_request.record(route, method, outcome, seconds, served)
+            return
+        self._requests.labels(route, method, outcome).inc()
+        self._request_seconds.labels(outcome).observe(seconds)
+        if served:
+            self._served_bytes.inc(served)
 
     def redis_op(self, op: str, seconds: float, error: str | None) -> None:
         if error is None:

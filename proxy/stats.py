@@ -24,30 +24,43 @@ HISTORY_SAMPLES = 720  # one per push: twelve minutes at the default interval
 
 
 class Stats:
+    """Counting a request is one dict update (``request``); the counters, top keys and
+    increments to push are folded from those when someone reads them."""
+
     def __init__(self) -> None:
-        self.counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
         self._unpushed: Counter[str] = Counter()
-        self.top: Counter[tuple[str, str]] = Counter()  # (route, url) -> hits served
+        self._top: Counter[tuple[str, str]] = Counter()  # (route, url) -> hits served
+        self._pending: dict[tuple[str, Outcome, str], int] = {}
         # (unix time, hits, misses, requests) so far, sampled over time for charts
         self.history: deque[tuple[float, int, int, int]] = deque(maxlen=HISTORY_SAMPLES)
-        self._fields: dict[tuple[str, Outcome], str] = {}
 
     def _add(self, field: str, n: int = 1) -> None:
-        self.counts[field] += n
+        self._counts[field] += n
         self._unpushed[field] += n
 
     def request(self, route: str, outcome: Outcome, url: str = "") -> None:
-        field = self._fields.get((route, outcome))
-        if field is None:
-            field = self._fields[(route, outcome)] = f"req|{route}|{outcome.value}"
-        self._add(field)
-        if outcome in HIT_OUTCOMES and url:
-            self.top[(route, url)] += 1
-            if len(self.top) > 2 * TOP_KEYS_KEPT:  # bounded: keep the most hit half
-                self.top = Counter(dict(self.top.most_common(TOP_KEYS_KEPT)))
+        key = (route, outcome, url if outcome in HIT_OUTCOMES else "")
+        pending = self._pending
+        pending[key] = pending.get(key, 0) + 1
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, {}
+        for (route, outcome, url), n in pending.items():
+            self._add(f"req|{route}|{outcome.value}", n)
+            if url:
+                self._top[(route, url)] += n
+        if len(self._top) > 2 * TOP_KEYS_KEPT:  # bounded: keep the most hit half
+            self._top = Counter(dict(self._top.most_common(TOP_KEYS_KEPT)))
+
+    @property
+    def counts(self) -> Counter[str]:
+        self._fold()
+        return self._counts
 
     def top_keys(self, n: int = 20) -> list[dict[str, Any]]:
-        return [{"route": r, "url": u, "hits": c} for (r, u), c in self.top.most_common(n)]
+        self._fold()
+        return [{"route": r, "url": u, "hits": c} for (r, u), c in self._top.most_common(n)]
 
     def sample(self, now: float) -> None:
         totals = summarize(self.counts)
@@ -61,6 +74,7 @@ class Stats:
         self._add("del", n)
 
     def take_unpushed(self) -> dict[str, int]:
+        self._fold()
         out = dict(self._unpushed)
         self._unpushed.clear()
         return out
