@@ -140,6 +140,7 @@ class Metrics:
             "jsoncache_redis_operation_duration_seconds",
             "Successful Redis operations by operation.", ["op"], buckets=_REDIS_BUCKETS,
             registry=r)
+        self._redis_children: dict[str, Histogram] = {}  # bound once per operation
         self.redis_errors = Counter(
             "jsoncache_redis_errors_total", "Redis operation failures by operation and kind.",
             ["op", "kind"], registry=r)
@@ -183,7 +184,10 @@ class Metrics:
 
     def redis_op(self, op: str, seconds: float, error: str | None) -> None:
         if error is None:
-            self.redis_seconds.labels(op).observe(seconds)
+            child = self._redis_children.get(op)
+            if child is None:
+                child = self._redis_children[op] = self.redis_seconds.labels(op)
+            child.observe(seconds)
         else:
             self.redis_errors.labels(op, error).inc()
 

@@ -22,6 +22,7 @@ from .config import RedisConfig
 from .errors import EntryCorrupt, StoreUnavailable
 from .feed import Node
 from .log import get as get_logger
+from .resp import Client, RespError
 
 T = TypeVar("T")
 log = get_logger("redis")
@@ -53,6 +54,9 @@ class RedisConn:
             driver_info=None,
         )
         self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
+        # The request path's own connections (see resp): lookups, saves, purges, locks.
+        self.data = Client(self.node(), db=int(parse_url(cfg.url).get("db") or 0),
+                           connect_timeout_s=cfg.connect_timeout_ms / 1000.0)
         # Pub/sub blocks on reads for as long as nothing is published: it gets its own client
         # without the per-call socket timeout.
         self.listener: aioredis.Redis = aioredis.Redis.from_url(
@@ -69,6 +73,7 @@ class RedisConn:
         await asyncio.gather(*(ping() for _ in range(connections)))
 
     async def close(self) -> None:
+        await self.data.close()
         await self.client.aclose(close_connection_pool=True)
         await self.listener.aclose()
 
@@ -96,13 +101,14 @@ class RedisConn:
         try:
             async with asyncio.timeout(limit):
                 result = await fn()
-        except rex.ResponseError as e:
+        except (rex.ResponseError, RespError) as e:
             if str(e).startswith("WRONGTYPE"):
                 self.breaker.success()
                 self.observe(op, time.perf_counter() - started, "wrongtype")
                 raise EntryCorrupt("wrong type") from None
-            kind = "oom" if isinstance(e, rex.OutOfMemoryError) else "response"
-        except (TimeoutError, rex.RedisError) as e:
+            oom = isinstance(e, rex.OutOfMemoryError) or str(e).startswith("OOM")
+            kind = "oom" if oom else "response"
+        except (TimeoutError, rex.RedisError, OSError) as e:
             kind = _kind(e)
             if kind == "timeout" and loop.time() - deadline > limit / 2:
                 # The timer fired long after its time: this process was starved (a burst,
@@ -138,6 +144,8 @@ def _kind(e: BaseException) -> str:
         return "timeout"
     if isinstance(e, rex.ConnectionError):
         return "pool" if "No connection available" in str(e) else "connection"
+    if isinstance(e, OSError):  # the lean connection's (ConnectionError is one)
+        return "connection"
     return "error"
 
 

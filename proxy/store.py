@@ -19,13 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import redis.exceptions as rex
-
 from . import keys, scripts
 from .entry import Entry, HitForMiss, decode_entry
 from .errors import EntryCorrupt, StoreUnavailable
 from .layout import Layout, Shard
 from .redisconn import RedisConn
+from .resp import RespError
 
 ALL_TAG = "~all"
 MARKER_TTL_MS = 30 * 86400 * 1000  # refreshed by every purge; recreated by a lookup
@@ -77,23 +76,21 @@ class Store:
 
     async def _eval_many(self, source: str,
                          calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """EVALSHA each call in one pipeline; a server that does not know the script yet
-        (restarted, flushed) gets it loaded and the calls again."""
-        sha = self._sha.get(source)
+        """EVALSHA each call, pipelined; a server that does not know the script yet
+        (restarted, flushed) gets it loaded and the calls again. Error replies raise."""
+        data = self.conn.data
         for _ in range(2):
+            sha = self._sha.get(source)
             if sha is None:
-                sha = str(await self.redis.script_load(source))
-                self._sha[source] = sha
-            pipe = self.redis.pipeline(transaction=False)
-            for k, a in calls:
-                pipe.execute_command("EVALSHA", sha, len(k), *k, *a)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, rex.NoScriptError) for r in results):
-                for r in results:
-                    if isinstance(r, Exception):
+                sha = self._sha[source] = (await data.call("SCRIPT", "LOAD", source)).decode()
+            replies = await data.call_many([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
+            if not any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT")
+                       for r in replies):
+                for r in replies:
+                    if isinstance(r, RespError):
                         raise r
-                return results
-            sha = None
+                return replies
+            self._sha.pop(source, None)
         raise StoreUnavailable("response", "script could not be loaded")
 
     # -- reads -----------------------------------------------------------------------------------
@@ -191,9 +188,9 @@ class Store:
     async def lock(self, primary: str, token: str) -> bool:
         """Take the fill lock of ``primary``; False when another holds it."""
         key = self.layout.shard(primary).lock(primary)
-        got = await self.conn.run("lock", lambda: self.redis.set(key, token, nx=True,
-                                                                 px=self.lock_ms))
-        return bool(got)
+        got = await self.conn.run("lock", lambda: self.conn.data.call(
+            "SET", key, token, "NX", "PX", self.lock_ms))
+        return got is not None
 
     async def unlock(self, lock: FillLock) -> None:
         """Release the lock if it is still ours, and announce that the fill is over."""

@@ -10,9 +10,10 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import pytest
@@ -24,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from proxy.accesslog import AccessLog
 from proxy.app import ACCESS_LOG, ADMIN, KEYSPACE, STATS, push_stats
 from proxy.config import LogConfig, load_config, parse_config
+from proxy.context import Ctx
+from proxy.outcome import CacheStatus, Outcome
 from proxy.schema import config_schema
 
 from .browser import Browser
@@ -347,13 +350,20 @@ def test_every_schema_key_is_accepted_by_the_loader() -> None:
 
 # -- the access log is buffered, as nginx's -------------------------------------------------------
 
+def access_ctx(rid: str, path: str, **kw: Any) -> Ctx:
+    return Ctx(cast(Any, None), rid, time.perf_counter(), "GET", path, "", route="r",
+               http_status=200, **kw)
+
+
 async def test_access_lines_are_buffered_then_flushed() -> None:
     read_fd, write_fd = os.pipe()
     fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # room for a whole flush
     os.set_blocking(read_fd, False)
     try:
         access = AccessLog(LogConfig(format="json", access_flush_ms=50), fd=write_fd)
-        access.write({"request_id": "r1", "path": "/x\u00e9\"", "status": 200})
+        hit = CacheStatus(Outcome.BYPASS, "redis-timeout")
+        access.record(access_ctx("r1", '/x\u00e9"\\', cache=hit, upstream_s=0.0123,
+                                 error="upstream-timeout"), 0.5)
         with pytest.raises(BlockingIOError):
             os.read(read_fd, 65536)  # nothing written yet
         flushed = asyncio.Event()
@@ -362,10 +372,14 @@ async def test_access_lines_are_buffered_then_flushed() -> None:
         asyncio.get_running_loop().remove_reader(read_fd)
         [line] = os.read(read_fd, 65536).decode().splitlines()
         assert json.loads(line) | {"timestamp": "t"} == {
-            "request_id": "r1", "path": "/x\u00e9\"", "status": 200, "event": "request",
-            "level": "info", "timestamp": "t"}
+            "request_id": "r1", "method": "GET", "path": '/x\u00e9"\\', "route": "r",
+            "status": 200, "outcome": "bypass", "duration_ms": 500.0,
+            "detail": "redis-timeout", "upstream_ms": 12.3, "error": "upstream-timeout",
+            "event": "request", "level": "info", "timestamp": "t"}
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z",
+                            json.loads(line)["timestamp"])
         for i in range(700):  # 64 KiB gathered: written at once, no timer needed
-            access.write({"request_id": f"r{i}", "path": "/" + "p" * 40})
+            access.record(access_ctx(f"r{i}", "/" + "p" * 40), 0.001)
         assert len(os.read(read_fd, 1 << 20)) > 60_000
         quiet = AccessLog(LogConfig(level="warning", format="json"), fd=write_fd)
         assert not quiet.enabled
