@@ -24,7 +24,7 @@ from .config import LogConfig
 from .context import Ctx
 from .log import get as get_logger
 from .metrics import Metrics
-from .stats import Stats
+from .stats import HIT_OUTCOMES, Stats
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 BUFFER_BYTES = 64 * 1024
@@ -134,6 +134,6 @@ class Recorder:
         outcome = ctx.cache.outcome
         method = ctx.method if ctx.method in _METHODS else "other"
         self.metrics.request(ctx.route, method, outcome.value, elapsed, ctx.served_bytes)
-        self.stats.request(ctx.route, outcome, ctx.path_qs)
+        self.stats.request(ctx.route, outcome, ctx.path_qs if outcome in HIT_OUTCOMES else "")
         if self.access.enabled:
             self.access.record(ctx, elapsed)

@@ -15,7 +15,7 @@ from http import HTTPStatus
 from aiohttp import web
 from multidict import CIMultiDict, MutableMultiMapping
 
-from . import encoding, policy
+from . import encoding, policy, ready
 from .config import CacheConfig
 from .context import Ctx
 from .entry import Entry
@@ -35,6 +35,7 @@ class Delivery:
         self.name = cfg.status_name
         self.keep_surrogate = cfg.keep_surrogate_headers
         self.metrics = metrics
+        self.ready_made = ready.supported()
 
     def cache_headers(self, headers: MutableMultiMapping[str], ctx: Ctx,
                       status: CacheStatus) -> None:
@@ -51,20 +52,22 @@ class Delivery:
         headers["X-Request-ID"] = ctx.rid
 
     def entry(self, ctx: Ctx, entry: Entry, age: float, status: CacheStatus,
-              fields: tuple[tuple[str, str], ...] | None = None) -> web.Response:
+              fields: tuple[tuple[str, str], ...] | None = None) -> web.StreamResponse:
         """Answer from an entry. ``fields`` replaces the stored header section when the
         response was just fetched: the client that caused the fetch gets every end-to-end
         field, including those the store left out (qualified no-cache / private)."""
         ctx.cache = status
         req = ctx.request
         headers: CIMultiDict[str]
+        conditional = "If-None-Match" in req.headers or "If-Modified-Since" in req.headers
         if fields is None:  # stored fields are ready to send (see verdict.make_entry)
             gz = bool(entry.encoded) and encoding.accepts_gzip(req.headers.get("Accept-Encoding"))
             ready = entry.ready.get("gzip" if gz else "plain")
             if ready is None:
                 ready = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
-            base, body = ready
-            headers = base.copy()
+            headers, body, block = ready
+            if block is not None and not conditional:
+                return self._ready(ctx, entry.status, block, body, age, status)
         else:
             headers = CIMultiDict((k, v) for k, v in fields
                                   if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
@@ -75,27 +78,44 @@ class Delivery:
             if entry.encoded:
                 body = self._negotiate(entry, headers, encoding.accepts_gzip(
                     req.headers.get("Accept-Encoding")))
-        headers["Age"] = str(min(int(age), policy.DELTA_MAX))
-        self.cache_headers(headers, ctx, status)
-        if entry.status == 200 and ("If-None-Match" in req.headers or
-                                    "If-Modified-Since" in req.headers) and \
+        if entry.status == 200 and conditional and \
                 policy.not_modified(list(req.headers.items()), entry.headers):
-            keep = CIMultiDict((k, v) for k, v in headers.items()
-                               if k.lower() in policy.NOT_MODIFIED_FIELDS)
-            for name in ("Age", "X-Cache", "Cache-Status", "X-Request-ID"):
-                keep[name] = headers[name]
-            ctx.http_status = 304
-            return web.Response(status=304, headers=keep)
-        ctx.http_status = entry.status
+            keep: CIMultiDict[str] = CIMultiDict(
+                (k, v) for k, v in headers.items() if k.lower() in policy.NOT_MODIFIED_FIELDS)
+            return self._answer(ctx, web.Response(status=304, headers=keep), age, status)
         if req.method != "HEAD" and status.outcome in _FROM_CACHE:
             ctx.served_bytes = len(body)
-        return web.Response(status=entry.status, headers=headers, body=body)
+        # The response copies the (prepared, shared) header section once; the fields of
+        # this answer are added to its own copy.
+        return self._answer(ctx, web.Response(status=entry.status, headers=headers, body=body),
+                            age, status)
 
-    def _prepare(self, entry: Entry, gz: bool) -> tuple[CIMultiDict[str], bytes]:
-        """The stored header section and body as sent, once per entry and encoding."""
+    def _answer(self, ctx: Ctx, resp: web.Response, age: float,
+                status: CacheStatus) -> web.Response:
+        resp.headers["Age"] = str(min(int(age), policy.DELTA_MAX))
+        self.cache_headers(resp.headers, ctx, status)
+        ctx.http_status = resp.status
+        return resp
+
+    def _prepare(self, entry: Entry, gz: bool) -> tuple[CIMultiDict[str], bytes, bytes | None]:
+        """The stored header section and body as sent, once per entry and encoding, and
+        the header block of a ready-made answer when one can be made."""
         headers: CIMultiDict[str] = CIMultiDict(entry.headers)
         body = self._negotiate(entry, headers, gz) if entry.encoded else entry.body
-        return headers, body
+        block = ready.header_block(entry.status, headers.items(), body) if self.ready_made \
+            else None
+        return headers, body, block
+
+    def _ready(self, ctx: Ctx, code: int, block: bytes, body: bytes, age: float,
+               status: CacheStatus) -> web.StreamResponse:
+        ctx.http_status = code
+        if ctx.request.method != "HEAD" and status.outcome in _FROM_CACHE:
+            ctx.served_bytes = len(body)
+        # Ours: our outcome words, the configured name, a sanitised request id.
+        extra = (f"Age: {min(int(age), policy.DELTA_MAX)}\r\nX-Cache: {status.x_cache}\r\n"
+                 f"Cache-Status: {status.cache_status(self.name)}\r\n"
+                 f"X-Request-ID: {ctx.rid}\r\n")
+        return ready.ReadyResponse(code, block, extra, body)
 
     @staticmethod
     def _negotiate(entry: Entry, headers: CIMultiDict[str], gz: bool) -> bytes:

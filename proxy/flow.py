@@ -110,8 +110,13 @@ class Flow:
     async def _read(self, ctx: Ctx) -> web.StreamResponse:
         req = ctx.request
         name = self.planner.identity_cookie
-        plan = self.planner.read(path=req.path, raw_path=ctx.path, query=ctx.query,
-                                 query_args=req.query, headers=req.headers,
+        # Routes match the normalised path; the raw one is that already unless it has
+        # escapes or dot segments (then the URL is parsed): no URL parsing for a plain hit.
+        raw = ctx.path
+        plain = "%" not in raw and "/." not in raw and "//" not in raw
+        plan = self.planner.read(path=raw if plain else req.path,
+                                 raw_path=ctx.path, query=ctx.query,
+                                 query_args=lambda: req.query, headers=req.headers,
                                  cookie=req.cookies.get(name) if name else None,
                                  has_body=req.body_exists)
         if isinstance(plan, Pass):
@@ -262,7 +267,7 @@ class Flow:
         await self.coalescer.wait_remote(keyed.primary, recheck)
         return found[-1] if found else None
 
-    def _coalesced(self, ctx: Ctx, entry: Entry) -> web.Response:
+    def _coalesced(self, ctx: Ctx, entry: Entry) -> web.StreamResponse:
         self.metrics.coalesced.inc()
         age = entry.age(time.time())
         return self.deliver.entry(ctx, entry, age, CacheStatus(Outcome.COALESCED,
@@ -307,7 +312,7 @@ class Flow:
         """What a GET of ``path?query`` with ``headers`` would get: the same plan, lookup and
         decision as a request, without fetching anything."""
         plan = self.planner.read(path=unquote(path), raw_path=path, query=query,
-                                 query_args=query_args, headers=headers, cookie=cookie,
+                                 query_args=lambda: query_args, headers=headers, cookie=cookie,
                                  has_body=False)
         if isinstance(plan, Pass):
             return Explained(plan)

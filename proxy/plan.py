@@ -59,7 +59,7 @@ class Keyed:
     directives: RequestDirectives
     path: str  # raw path and query, as keyed and forwarded
     query: str
-    query_args: Mapping[str, str]  # decoded query parameters, for tag templates
+    query_args: Callable[[], Mapping[str, str]]  # decoded query parameters (parsed on demand)
     headers: RequestHeaders
     value_of: ValueOf  # normalised request values, for Vary
 
@@ -166,7 +166,8 @@ class Planner:
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def read(self, *, path: str, raw_path: str, query: str, query_args: Mapping[str, str],
+    def read(self, *, path: str, raw_path: str, query: str,
+             query_args: Callable[[], Mapping[str, str]],
              headers: RequestHeaders, cookie: str | None, has_body: bool) -> ReadPlan:
         """``path`` is decoded (for matching), ``raw_path`` and ``query`` as sent (for the
         key); ``cookie`` is the value of the identity cookie, when one is configured."""

@@ -161,7 +161,7 @@ def make_entry(keyed: Keyed, status: int, headers: list[tuple[str, str]], head: 
     route = keyed.route
     fr = policy.freshness(status=status, response_headers=headers, route=route,
                           default_ttl_s=cfg.default_ttl_s, response_time=head.response_time)
-    template = template_context(keyed.query_args, keyed.headers.items(), keyed.params,
+    template = template_context(keyed.query_args(), keyed.headers.items(), keyed.params,
                                 keyed.user)
     tags = entry_tags(route=route, path=keyed.path, query=keyed.query, scope=keyed.scope,
                       ctx=template, response_headers=headers)

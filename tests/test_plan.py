@@ -35,7 +35,7 @@ def read(url: str, headers: dict[str, str] | None = None, *, body: bool = False,
     path, _, query = url.partition("?")
     pairs = (p.partition("=") for p in query.split("&") if p)
     args: MultiDict[str] = MultiDict([(k, v) for k, _, v in pairs])
-    return planner.read(path=path, raw_path=path, query=query, query_args=args,
+    return planner.read(path=path, raw_path=path, query=query, query_args=lambda: args,
                         headers=CIMultiDict(headers or {}), cookie=None, has_body=body)
 
 
