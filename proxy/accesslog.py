@@ -69,15 +69,17 @@ class AccessLog:
         if ctx.cache.detail:
             extra += f', "detail": "{ctx.cache.detail}"'
         if ctx.upstream_s is not None:
-            extra += f', "upstream_ms": {round(ctx.upstream_s * 1000, 3)}'
+            extra += f', "upstream_ms": {ctx.upstream_s * 1000:.3f}'
         if ctx.error:
             extra += f', "error": "{ctx.error}"'
+        path = ctx.path
+        quoted = f'"{path}"' if path.isascii() and path.isprintable() and '"' not in path \
+            and "\\" not in path else json.dumps(path)
         stamp = f"{self._stamp}.{int((now - second) * 1e6):06d}Z"
-        line = (f'{{"request_id": "{ctx.rid}", "method": "{ctx.method}", '
-                f'"path": {json.dumps(ctx.path)}, "route": "{ctx.route}", '
-                f'"status": {ctx.http_status}, "outcome": "{outcome}", '
-                f'"duration_ms": {round(elapsed * 1000, 3)}{extra}, "event": "request", '
-                f'"level": "info", "timestamp": "{stamp}"}}\n')
+        line = (f'{{"request_id": "{ctx.rid}", "method": "{ctx.method}", "path": {quoted}, '
+                f'"route": "{ctx.route}", "status": {ctx.http_status}, '
+                f'"outcome": "{outcome}", "duration_ms": {elapsed * 1000:.3f}{extra}, '
+                f'"event": "request", "level": "info", "timestamp": "{stamp}"}}\n')
         self._lines.append(line)
         self._size += len(line)
         if self._size >= BUFFER_BYTES or self.flush_s <= 0:

@@ -89,8 +89,8 @@ class ReadyResponse(web.StreamResponse):
         self._payload_writer = None
 
 
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
 def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _REASONS.get(status, "Unknown")
