@@ -1,7 +1,7 @@
 # jsoncache: a caching reverse proxy for JSON APIs.
 #   make run    set up, then run Redis (reused or started), the upstream stub and the proxy
 #   make test   set up, then run the tests (they start their own redis-server processes)
-#   make lint   ruff and mypy          make bench   hit throughput/latency vs the stub
+#   make lint   ruff and mypy          make bench   hits, misses, bytes stored vs a baseline
 #   make conformance   the cache-tests.fyi suite against the proxy (needs node and npm)
 PY ?= python3
 VENV ?= .venv

@@ -19,7 +19,7 @@ async def serve(port: int, body: bytes, headers: dict[str, str]) -> None:
     async def answer(request: web.BaseRequest) -> web.Response:
         return web.Response(body=body, headers=headers)
 
-    runner = web.ServerRunner(web.Server(answer), access_log=None)
+    runner = web.ServerRunner(web.Server(answer, access_log=None))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port, backlog=2048)
     await site.start()

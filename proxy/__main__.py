@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.check_config:
         print(f"config OK: {config.source}: {len(config.routes)} routes, "
-              f"{len(config.invalidate)} invalidation rules")
+              f"{len(config.invalidate)} invalidation rules, {len(config.prewarm)} prewarm rules")
         return 0
     if args.print_config:
         print(json.dumps(redacted(config), indent=2))

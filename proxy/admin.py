@@ -10,6 +10,7 @@ import time
 import uuid
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -32,6 +33,7 @@ from .stats import Stats, summarize
 from .store import ALL_TAG
 
 MAX_PAGE = 500
+MAX_PREWARM = 100  # URLs per POST /cache/prewarm
 REDIS_GAUGES_MAX_AGE_S = 5.0
 _PASS_REASONS = {
     "cache-disabled": "cache disabled", "no-route": "no route matches",
@@ -83,6 +85,7 @@ class Admin:
         out: dict[str, Any] = {"instance": {"id": self.instance, "pid": os.getpid(),
                                             **summarize(stats.counts),
                                             "top_keys": stats.top_keys(),
+                                            "prewarm": self._prewarm_counts(),
                                             "history": list(stats.history)}}
         try:
             shared, instances = await self.keyspace.read_stats()
@@ -98,6 +101,9 @@ class Admin:
             out["redis"] = {"reachable": False, "error": e.kind}
         return json_response(out)
 
+    def _prewarm_counts(self) -> dict[str, dict[str, int]]:
+        return self.flow.prewarmer.summary() if self.flow.prewarmer is not None else {}
+
     # -- purges ----------------------------------------------------------------------------------
 
     async def flush(self, request: web.Request) -> web.Response:
@@ -106,7 +112,43 @@ class Admin:
         except StoreUnavailable as e:
             return error(503, "redis_unavailable", f"nothing was flushed: redis {e.kind}")
         self.metrics.invalidated.labels("flush").inc(n)
+        if self.flow.prewarmer is not None:
+            self.flow.prewarmer.rewarm_soon("flush")
         return json_response({"deleted_keys": n})
+
+    async def prewarm(self, request: web.Request) -> web.Response:
+        """Warm public URLs: ``{"urls": ["/path?query", ...]}``; answers when they are done,
+        with what became of each."""
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return error(400, "bad_request", "the body must be JSON")
+        urls = body.get("urls") if isinstance(body, dict) and set(body) == {"urls"} else None
+        if not isinstance(urls, list) or not urls or len(urls) > MAX_PREWARM or \
+                not all(isinstance(u, str) for u in urls):
+            return error(400, "bad_request",
+                         f'expected {{"urls": ["/path?query", ...]}} with 1 to {MAX_PREWARM} URLs')
+        for url in urls:
+            why = self._not_warmable(url)
+            if why:
+                return error(400, "bad_request", f"{url!r}: {why}")
+        assert self.flow.prewarmer is not None
+        outcomes = await self.flow.prewarmer.warm_public(
+            urls, rid=request.headers.get("X-Request-ID", ""))
+        return json_response({"results": [{"url": u, "outcome": o}
+                                          for u, o in zip(urls, outcomes, strict=True)],
+                              "stored": outcomes.count("stored")})
+
+    def _not_warmable(self, url: str) -> str:
+        if not url.startswith("/") or any(c.isspace() or ord(c) < 32 for c in url):
+            return "not a path on the upstream"
+        matched = self.flow.planner.routes.match("GET", unquote(url.partition("?")[0]))
+        if matched is None or matched.item.mode == "pass":
+            return "no cached route matches it"
+        if matched.item.scope != "public":
+            return (f"route {matched.item.name!r} is per user: its entries are warmed by "
+                    "prewarm rules with the user's own credential")
+        return ""
 
     async def purge_session(self, request: web.Request) -> web.Response:
         sid = request.match_info["id"]
@@ -328,6 +370,7 @@ def register(app: web.Application, admin: Admin) -> None:
     app.router.add_delete(p + "/session/{id}", g("purge", "purge-session", admin.purge_session))
     app.router.add_delete(p + "/tags/{tag}", g("purge", "purge-tag", admin.purge_tag))
     app.router.add_post(p + "/purge", g("purge", "purge", admin.purge))
+    app.router.add_post(p + "/prewarm", g("purge", "prewarm", admin.prewarm))
     app.router.add_get(p + "/dashboard", g("read", "dashboard", admin.dashboard))
     metrics_role: Role | None = None if admin.cfg.admin.open_metrics else "read"
     app.router.add_get("/metrics", g(metrics_role, "metrics", admin.prometheus))

@@ -13,6 +13,7 @@ from aiohttp.web_server import Server
 from . import admin as admin_routes
 from .accesslog import AccessLog
 from .admin import Admin, new_instance_id
+from .breaker import State
 from .coalesce import Coalescer
 from .config import Config
 from .errors import StoreUnavailable
@@ -24,6 +25,7 @@ from .l1 import L1
 from .layout import Layout, Shard
 from .log import get as get_logger
 from .metrics import Metrics
+from .prewarm import Prewarmer
 from .redisconn import RedisConn
 from .stats import Stats
 from .store import Store
@@ -40,6 +42,7 @@ COALESCER = web.AppKey("coalescer", Coalescer)
 FEED = web.AppKey("feed", Feed)
 INVALIDATOR = web.AppKey("invalidator", Invalidator)
 FLOW = web.AppKey("flow", Flow)
+PREWARMER = web.AppKey("prewarmer", Prewarmer)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 ADMIN = web.AppKey("admin", Admin)
 
@@ -49,6 +52,7 @@ log = get_logger("app")
 # instance's counters are added to the shared ones.
 REPLAY_INTERVAL_S = 0.25
 STATS_PUSH_INTERVAL_S = 1.0
+RESTART_WATCH_INTERVAL_S = 2.0
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -86,6 +90,10 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     flow = Flow(config, store, upstream, metrics, coalescer, invalidator, stats, l1, feed,
                 access)
     keyspace = Keyspace(store)
+    prewarmer = Prewarmer(config, metrics, stats, flow.warm,
+                          breaker_open=lambda: conn.breaker.state is State.OPEN)
+    flow.prewarmer = prewarmer
+    app[PREWARMER] = prewarmer
     app[CONFIG] = config
     app[METRICS] = metrics
     app[STATS] = stats
@@ -151,6 +159,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks = [asyncio.create_task(_replay_loop(app[INVALIDATOR]), name="replay-invalidations"),
              asyncio.create_task(_stats_loop(app[STATS], app[KEYSPACE], instance),
                                  name="push-stats")]
+    app[PREWARMER].start()
+    if config.cache.rewarm_top_n > 0:
+        tasks.append(asyncio.create_task(_restart_watch(app[KEYSPACE], app[PREWARMER]),
+                                         name="redis-restart-watch"))
     log.info("started", upstream=config.upstream.url, routes=len(config.routes),
              cache_enabled=config.cache.enabled, instance=instance)
     await _report_eviction(app[KEYSPACE])
@@ -162,6 +174,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for task in list(flow.background):
             task.cancel()
         await asyncio.gather(*tasks, *flow.background, return_exceptions=True)
+        await app[PREWARMER].close()
         await push_stats(app[STATS], app[KEYSPACE], instance)
         await app[FEED].close()
         await app[UPSTREAM].close()
@@ -193,6 +206,21 @@ async def _replay_loop(invalidator: Invalidator) -> None:
                 await invalidator.replay()
             except Exception:  # never let the loop die; the next round tries again
                 log.exception("replaying invalidations failed")
+
+
+async def _restart_watch(keyspace: Keyspace, prewarmer: Prewarmer) -> None:
+    """Notice a Redis restart (its run id changes: the data is gone) and rewarm."""
+    known = ""
+    while True:
+        try:
+            run_id = await keyspace.run_id()
+        except StoreUnavailable:
+            run_id = ""
+        if run_id and known and run_id != known:
+            log.info("redis restarted: its data is gone", rewarm_top_n=prewarmer.rewarm_top_n)
+            prewarmer.rewarm_soon("redis-restart")
+        known = run_id or known
+        await asyncio.sleep(RESTART_WATCH_INTERVAL_S)
 
 
 async def _stats_loop(stats: Stats, keyspace: Keyspace, instance: str) -> None:

@@ -92,6 +92,16 @@ class L1Config:
 
 
 @dataclass(frozen=True, slots=True)
+class PrewarmConfig:
+    """Bounds of the background fetches that prewarm rules and ``POST /cache/prewarm`` start."""
+
+    concurrency: int = 4  # fetches at once per instance
+    per_user: int = 12  # fetches queued or running per user (identity scope) at once
+    queue: int = 256  # fetches waiting per instance; more are dropped
+    timeout_s: float = 5.0  # a fetch slower than this is given up (dropped)
+
+
+@dataclass(frozen=True, slots=True)
 class CacheConfig:
     enabled: bool = True
     default_ttl_s: int = 300
@@ -109,6 +119,10 @@ class CacheConfig:
     invalidation_wait_ms: int = 2000
     # Textual bodies at least this large are stored gzip-compressed (0: never).
     compress_min_bytes: int = 512
+    prewarm: PrewarmConfig = field(default_factory=PrewarmConfig)
+    # After a flush or a Redis restart, fetch again the N most-hit public URLs of the last
+    # hour (0: never).
+    rewarm_top_n: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +147,20 @@ class RouteConfig:
 class InvalidateRule:
     match: MatchSpec
     tags: tuple[Template, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PrewarmRule:
+    """After a 2xx answer to ``after``, fetch ``fetch`` (URL templates) in the background with
+    the same credential, at most ``limit`` of them."""
+
+    name: str  # the metric label: the rule's ``name``, else its ``after``
+    after: MatchSpec
+    fetch: tuple[Template, ...]
+    limit: int = 12  # DEFAULT_PREWARM_LIMIT
+
+
+DEFAULT_PREWARM_LIMIT = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +197,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     routes: tuple[RouteConfig, ...] = ()
     invalidate: tuple[InvalidateRule, ...] = ()
+    prewarm: tuple[PrewarmRule, ...] = ()
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: str = "<defaults>"
@@ -394,11 +423,12 @@ def parse_config(doc: Any, env: Mapping[str, str], source: str = "<dict>") -> Co
     cache = _cache(top.child("cache"), env)
     routes = _routes(top, cache, env)
     invalidate = _invalidate(top)
+    prewarm = _prewarm(top, routes)
     admin = _admin(top.child("admin"), env)
     log = _log(top.child("log"))
     top.done()
     return Config(server=server, upstream=upstream, redis=redis, cache=cache, routes=routes,
-                  invalidate=invalidate, admin=admin, log=log, source=source)
+                  invalidate=invalidate, prewarm=prewarm, admin=admin, log=log, source=source)
 
 
 def _deep_copy(v: Any) -> Any:
@@ -499,6 +529,13 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
     l1 = L1Config(max_mb=l1r.integer("max_mb", L1Config().max_mb, 0, 1 << 20),
                   lease_ms=l1r.integer("lease_ms", L1Config().lease_ms, 50, 60_000))
     l1r.done()
+    pr = r.child("prewarm")
+    dp = PrewarmConfig()
+    prewarm = PrewarmConfig(concurrency=pr.integer("concurrency", dp.concurrency, 1, 256),
+                            per_user=pr.integer("per_user", dp.per_user, 1, 10_000),
+                            queue=pr.integer("queue", dp.queue, 1, 100_000),
+                            timeout_s=pr.number("timeout_s", dp.timeout_s, 0, exclusive_lo=True))
+    pr.done()
     out = CacheConfig(
         enabled=r.flag("enabled", d.enabled),
         default_ttl_s=r.integer("default_ttl_s", d.default_ttl_s, 0),
@@ -516,6 +553,8 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         invalidation_wait_ms=r.integer("invalidation_wait_ms", d.invalidation_wait_ms, 0,
                                        60_000),
         compress_min_bytes=r.integer("compress_min_bytes", d.compress_min_bytes, 0),
+        prewarm=prewarm,
+        rewarm_top_n=r.integer("rewarm_top_n", d.rewarm_top_n, 0, 10_000),
     )
     r.done()
     return out
@@ -590,10 +629,45 @@ def _invalidate(top: _Reader) -> tuple[InvalidateRule, ...]:
     return tuple(out)
 
 
+def _prewarm(top: _Reader, routes: tuple[RouteConfig, ...]) -> tuple[PrewarmRule, ...]:
+    out = []
+    for i, raw in enumerate(top.items("prewarm")):
+        r = _Reader(raw, f"prewarm[{i}]")
+        after = _match(r, "after")
+        if after.methods != frozenset({"GET"}):
+            raise r._err("after", after.raw, 'must name a GET, e.g. "GET /sessions"')
+        fetch = tuple(_template(r, "fetch", j, t, ("query", "path", "header", "response.json"))
+                      for j, t in enumerate(r.items("fetch")))
+        if not fetch:
+            raise r._err("fetch", r.doc.get("fetch"), "must list at least one URL to fetch")
+        for j, t in enumerate(fetch):
+            _check_prewarm_url(f"{r.key('fetch')}[{j}]", t, routes)
+        out.append(PrewarmRule(name=r.text("name", after.raw, pattern=r"[A-Za-z0-9 _./{}-]+"),
+                               after=after, fetch=fetch,
+                               limit=r.integer("limit", DEFAULT_PREWARM_LIMIT, 1, 1000)))
+        r.done()
+    return tuple(out)
+
+
+def _check_prewarm_url(key: str, t: Template, routes: tuple[RouteConfig, ...]) -> None:
+    """A prewarm URL is a path on this origin that a cached route matches (checked when the
+    path itself has no placeholder)."""
+    first = t.parts[0] if t.parts else ""
+    if not isinstance(first, str) or not first.startswith("/"):
+        raise ConfigError(key, t.raw, "must be a path on the upstream, starting with '/'")
+    path = first.partition("?")[0].partition("#")[0]
+    literal_path = "?" in first or len(t.parts) == 1
+    if literal_path and not any(route.mode != "pass" and route.match.match("GET", path)
+                                is not None for route in routes):
+        raise ConfigError(key, t.raw, "no cached route matches this path: nothing would be "
+                                      "stored")
+
+
 def _admin(r: _Reader, env: Mapping[str, str]) -> AdminConfig:
     d = AdminConfig()
     prefix = r.text("prefix", d.prefix, pattern=r"/[A-Za-z0-9_./-]*[A-Za-z0-9_-]")
     tokens: list[AdminToken] = []
+    variables: list[str] = []  # where each token's value came from, for errors
     for i, raw in enumerate(r.items("tokens")):
         tr = _Reader(raw, f"{r.key('tokens')}[{i}]")
         name = tr.text("name", pattern=r"[A-Za-z0-9_.-]+")
@@ -603,15 +677,17 @@ def _admin(r: _Reader, env: Mapping[str, str]) -> AdminConfig:
         value = env.get(var, "")
         if value:
             tokens.append(AdminToken(name=name, role=role, value=value))
+            variables.append(var)
     env_roles: tuple[tuple[str, str, Role], ...] = (
         (ADMIN_TOKEN_ENV, "env-admin", "purge"),
         (SUPERUSER_TOKEN_ENV, "env-superuser", "superuser"))
     for var, name, role in env_roles:
         if env.get(var):
             tokens.append(AdminToken(name=name, role=role, value=env[var]))
-    for t in tokens:
+            variables.append(var)
+    for t, var in zip(tokens, variables, strict=True):
         if len(t.value) < 8:
-            raise ConfigError(f"admin token {t.name}", "<redacted>",
+            raise ConfigError(f"{var} (admin token {t.name})", "<redacted>",
                               "must be at least 8 characters")
     session_tag = r.text("session_tag", d.session_tag)
     if "{id}" not in session_tag or any(c.isspace() for c in session_tag):

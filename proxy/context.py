@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from .entry import Entry
 from .outcome import CacheStatus, Outcome
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -33,7 +34,7 @@ class RequestIds:
 class Ctx:
     """What the access log line says of a request, filled in as it crosses the flow."""
 
-    request: web.BaseRequest
+    request: web.BaseRequest | None  # None: a background fetch of the proxy's own (prewarm)
     rid: str
     started: float
     method: str
@@ -45,7 +46,16 @@ class Ctx:
     upstream_s: float | None = None
     error: str = ""
     served_bytes: int = 0
-    detached: bool = False  # a background refresh: nobody to write interim responses to
+    detached: bool = False  # a background fetch: nobody to write interim responses to
+    fetch_headers: list[tuple[str, str]] | None = None  # a background fetch's own headers
+    entry: Entry | None = None  # the entry answered from, if any (prewarm triggers read it)
+
+    @property
+    def req(self) -> web.BaseRequest:
+        """The client's request. Background fetches without one (public prewarming) carry
+        their upstream headers in ``fetch_headers`` and never reach a reader of this."""
+        assert self.request is not None
+        return self.request
 
     @property
     def path_qs(self) -> str:

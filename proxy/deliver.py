@@ -57,7 +57,8 @@ class Delivery:
         response was just fetched: the client that caused the fetch gets every end-to-end
         field, including those the store left out (qualified no-cache / private)."""
         ctx.cache = status
-        req = ctx.request
+        ctx.entry = entry
+        req = ctx.req
         headers: CIMultiDict[str]
         conditional = "If-None-Match" in req.headers or "If-Modified-Since" in req.headers
         if fields is None:  # stored fields are ready to send (see verdict.make_entry)
@@ -109,7 +110,7 @@ class Delivery:
     def _ready(self, ctx: Ctx, code: int, block: bytes, body: bytes, age: float,
                status: CacheStatus) -> web.StreamResponse:
         ctx.http_status = code
-        if ctx.request.method != "HEAD" and status.outcome in _FROM_CACHE:
+        if ctx.req.method != "HEAD" and status.outcome in _FROM_CACHE:
             ctx.served_bytes = len(body)
         # Ours: our outcome words, the configured name, a sanitised request id.
         extra = (f"Age: {min(int(age), policy.DELTA_MAX)}\r\nX-Cache: {status.x_cache}\r\n"
@@ -145,7 +146,7 @@ class Delivery:
                      prefix: bytes = b"") -> web.StreamResponse:
         """Stream an upstream response through (``prefix``: what was read of it already)."""
         ctx.cache = status
-        req = ctx.request
+        req = ctx.req
         resp = web.StreamResponse(status=up.status, reason=up.reason or None)
         for k, v in policy.end_to_end(up.headers):
             if k.lower() not in ("content-length", "x-cache"):
@@ -187,7 +188,7 @@ class Delivery:
         client, ahead of the final one. aiohttp has no API for them; nothing of this
         request's response has been written yet, so they can go straight to the transport.
         HTTP/1.0 clients never get them (RFC 9110 §15.2)."""
-        req = ctx.request
+        req = ctx.req
         if ctx.detached or ctx.http_status or req.version != (1, 1) or \
                 req.transport is None or req.transport.is_closing():
             return

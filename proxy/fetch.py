@@ -64,7 +64,8 @@ class Fetcher:
         """Fetch for the cache: a GET (also for HEAD, so the entry fills), without the
         client's conditionals (the cache answers those itself). ``lock``: the fill lock
         held, released by the save (or the hit-for-miss marker) when there is one."""
-        headers = self.forwarder.headers_for(ctx.request, strip_conditionals=True)
+        headers = ctx.fetch_headers if ctx.fetch_headers is not None else \
+            self.forwarder.headers_for(ctx.req, strip_conditionals=True)
         if validate and stale is not None:
             headers += policy.validators_for(stale.headers)
         try:

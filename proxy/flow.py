@@ -19,11 +19,12 @@ import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiDict
 
+from . import prewarm
 from .accesslog import AccessLog, Recorder
 from .coalesce import Coalescer, Follow, Lead
 from .config import Config
@@ -40,6 +41,7 @@ from .log import get as get_logger
 from .metrics import Metrics
 from .outcome import CacheStatus, Outcome
 from .plan import Fill, Keyed, Next, NotCached, Pass, Planner, ReadPlan, Serve, decide
+from .prewarm import Prewarmer
 from .stats import Stats
 from .store import FillLock, Lookup, Store
 from .upstream import Upstream
@@ -48,6 +50,12 @@ from .writes import Writes
 log = get_logger("flow")
 
 _HTTP_VERSIONS = frozenset({(1, 0), (1, 1)})
+# Request headers a prewarm fetch does not take over from the request that triggered it: its
+# own conditionals, directives and framing, and its request id (the fetch gets its own).
+_NOT_WARMED = frozenset({"cache-control", "pragma", "if-none-match", "if-modified-since",
+                         "if-match", "if-unmodified-since", "if-range", "range",
+                         "content-length", "content-type", "transfer-encoding", "expect",
+                         "x-request-id", "connection", "keep-alive", "upgrade", "te"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,8 @@ class Flow:
         self.recorder = Recorder(metrics, stats, access)
         self.ids = RequestIds()
         self.background: set[asyncio.Task[Any]] = set()
+        self.prewarm_rules = bool(config.prewarm)
+        self.prewarmer: Prewarmer | None = None  # set by the app when it is wired
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path, _, query = request.raw_path.partition("?")
@@ -90,7 +100,11 @@ class Flow:
                 # is not HTTP/1: refuse rather than guess what the client meant.
                 raise BadRequest(505, "http-version")
             if request.method in ("GET", "HEAD"):
-                return await self._read(ctx)
+                response = await self._read(ctx)
+                if self.prewarm_rules and ctx.method == "GET" and 200 <= ctx.http_status < 300:
+                    # After the answer is written: prewarming never delays it.
+                    asyncio.get_running_loop().call_soon(self._prewarm_after, ctx)
+                return response
             return await self.writes.handle(ctx)
         except BadRequest as e:
             ctx.cache = CacheStatus(Outcome.PASS, "rejected")
@@ -108,7 +122,7 @@ class Flow:
     # -- reads -----------------------------------------------------------------------------------
 
     async def _read(self, ctx: Ctx) -> web.StreamResponse:
-        req = ctx.request
+        req = ctx.req
         name = self.planner.identity_cookie
         # Routes match the normalised path; the raw one is that already unless it has
         # escapes or dot segments (then the URL is parsed): no URL parsing for a plain hit.
@@ -280,7 +294,7 @@ class Flow:
         step = self.coalescer.join(keyed.primary)
         if isinstance(step, Follow):
             return  # a fetch of this key is under way in this process already
-        bg = Ctx(ctx.request, ctx.rid, time.perf_counter(), "GET", ctx.path, ctx.query,
+        bg = Ctx(ctx.req, ctx.rid, time.perf_counter(), "GET", ctx.path, ctx.query,
                  route=ctx.route, detached=True)
         task = asyncio.get_running_loop().create_task(
             self._refresh(bg, keyed, lookup, stale, step))
@@ -304,6 +318,83 @@ class Flow:
                              error=error.kind)
                 case FromEntry(stored=stored):
                     lead.stored = stored
+
+    # -- prewarming ------------------------------------------------------------------------------
+
+    def _prewarm_after(self, ctx: Ctx) -> None:
+        if self.prewarmer is None:
+            return
+        req = ctx.req
+        name = self.planner.identity_cookie
+        user = self.planner.user_scope(req.headers.get(self.planner.identity_header),
+                                       req.cookies.get(name) if name else None)
+        entry = ctx.entry
+        self.prewarmer.after(req, ctx.rid, req.path, user,
+                             entry.plain if entry is not None else lambda: b"")
+
+    async def warm(self, request: web.BaseRequest | None, rid: str, path: str,
+                   query: str) -> str:
+        """Fill ``path?query`` in the background as ``request``'s client would get it (its
+        credential and the headers its variant depends on) or, without a request, as an
+        anonymous client (public routes only). The normal fill path: nothing fetched when a
+        fresh entry exists or another fetch of the key is under way; nothing answered."""
+        headers: CIMultiDict[str] = CIMultiDict(
+            (k, v) for k, v in (request.headers.items() if request is not None else ())
+            if k.lower() not in _NOT_WARMED)
+        cookie = None
+        if request is not None and self.planner.identity_cookie:
+            cookie = request.cookies.get(self.planner.identity_cookie)
+        fetch_headers = self.forwarder.upstream.forward_headers(
+            list(headers.items()), client_ip=request.remote if request is not None else None,
+            proto=request.scheme if request is not None else "http",
+            host=request.headers.get("Host") if request is not None else None)
+        ctx = Ctx(request, rid, time.perf_counter(), "GET", path, query, detached=True,
+                  fetch_headers=fetch_headers)
+        plan = self.planner.read(path=unquote(path), raw_path=path, query=query,
+                                 query_args=lambda: MultiDict(parse_qsl(query, True)),
+                                 headers=headers, cookie=cookie, has_body=False)
+        if isinstance(plan, Pass):
+            return prewarm.SKIPPED
+        ctx.route = plan.route.name
+        if self._from_l1(plan) is not None:
+            return prewarm.FRESH
+        token = self.coalescer.token()
+        try:
+            lookup = await self.store.lookup(plan.primary, plan.value_of, token)
+        except StoreUnavailable:
+            return prewarm.SKIPPED
+        lock = FillLock(plan.primary, token) if lookup.locked else None
+        step = self._decide(plan, lookup)
+        if not isinstance(step, Fill):
+            await self.coalescer.release(lock)
+            return prewarm.FRESH if isinstance(step, Serve) else prewarm.SKIPPED
+        joined = self.coalescer.join(plan.primary, lock)
+        if isinstance(joined, Follow):
+            await self.coalescer.release(lock)
+            return prewarm.SKIPPED  # being fetched already
+        return await self._warm_lead(ctx, plan, lookup, step, joined)
+
+    async def _warm_lead(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill,
+                         step: Lead) -> str:
+        since = self.l1.seq
+        async with step as lead:
+            if lead.remote:
+                return prewarm.SKIPPED  # another process is fetching it
+            if lead.relook and await self._look_again(keyed) is not None:
+                lead.stored = True
+                return prewarm.FRESH
+            fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
+                                               validate=fill.validate, lock=lead.lock)
+            match fetched:
+                case FromEntry(stored=stored):
+                    lead.stored = stored
+                    self._keep(keyed, fetched, since)
+                    return prewarm.STORED if stored else prewarm.SKIPPED
+                case Streamed(up):
+                    up.close()  # not storable; a server error is an error
+                    return prewarm.ERROR if up.status >= 500 else prewarm.SKIPPED
+                case Failed():
+                    return prewarm.ERROR
 
     # -- explain ---------------------------------------------------------------------------------
 

@@ -34,7 +34,7 @@ class Forwarder:
     async def forward(self, ctx: Ctx, status: CacheStatus) -> web.StreamResponse:
         """Pass a request through, streaming both ways."""
         ctx.cache = status
-        req = ctx.request
+        req = ctx.req
         body = self.request_body(req) if req.body_exists else None
         try:
             up = await self.send_as_is(ctx, body)
@@ -44,7 +44,7 @@ class Forwarder:
 
     async def send_as_is(self, ctx: Ctx, body: Any) -> UpstreamResponse:
         """The client's request upstream, its method and conditionals untouched."""
-        headers = self.headers_for(ctx.request, strip_conditionals=False)
+        headers = self.headers_for(ctx.req, strip_conditionals=False)
         try:
             return await self.send(ctx, ctx.method, headers, body)
         except UpstreamError:

@@ -96,6 +96,11 @@ class Keyspace:
         return {"policy": policy, "maxmemory": limit,
                 "meaning": eviction_meaning(policy, limit)}
 
+    async def run_id(self) -> str:
+        """The server's run id: it changes when Redis restarts (and its data is gone)."""
+        info = await self.conn.run("info", lambda: self.redis.info("server"), trips=False)
+        return str(info.get("run_id", ""))
+
     async def _now_ms(self) -> int:
         t_s, t_us = await self.redis.time()
         return int(t_s) * 1000 + int(t_us) // 1000

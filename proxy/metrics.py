@@ -154,6 +154,10 @@ class Metrics:
         self.coalesced = Counter(
             "jsoncache_coalesced_requests_total",
             "Requests answered by another request's upstream fetch.", registry=r)
+        self.prewarm = Counter(
+            "jsoncache_prewarm_total",
+            "Prewarm fetches by rule and outcome (stored, fresh, skipped, dropped, error).",
+            ["rule", "outcome"], registry=r)
         self.rejected = Counter(
             "jsoncache_rejected_requests_total",
             "Requests refused before reaching the upstream, by reason.", ["reason"], registry=r)

@@ -13,7 +13,7 @@ A template is text with placeholders: ``session:{query.session_id}``, ``txn:{pat
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -183,8 +183,8 @@ def _parse_source(body: str, allowed: Sequence[str]) -> Placeholder:
             if source not in allowed:
                 raise ValueError(f"{{{source}.…}} is not available here")
             rest = body[len(source) + 1 :]
-            names = tuple(rest.split(".")) if source.endswith("json") else (rest,)
-            if not all(n and _NAME_RE.match(n) for n in names):
+            names = _json_path(rest) if source.endswith("json") else (rest,)
+            if not all(n == EACH or (n and _NAME_RE.match(n)) for n in names):
                 raise ValueError(f"invalid placeholder {{{body}}}")
             if source == "header":
                 names = (names[0].lower(),)
@@ -193,6 +193,20 @@ def _parse_source(body: str, allowed: Sequence[str]) -> Placeholder:
         f"unknown placeholder {{{body}}}; use one of "
         "{query.X}, {path.X}, {user}, {header.X}, {request.json.X}, {response.json.X}"
     )
+
+
+EACH = "[*]"  # a JSON path step over every item of a list: {response.json.sessions[*].id}
+
+
+def _json_path(text: str) -> tuple[str, ...]:
+    """``sessions[*].id`` -> ("sessions", "[*]", "id"); ``[*]`` only at the end of a name."""
+    names: list[str] = []
+    for name in text.split("."):
+        if name.endswith(EACH):
+            names += [name[: -len(EACH)], EACH]
+        else:
+            names.append(name)
+    return tuple(names)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +221,11 @@ class TemplateContext:
     response_json: Any = None
 
 
-def expand(template: Template, ctx: TemplateContext) -> list[str] | None:
-    """All values of ``template`` in ``ctx``; None when any placeholder cannot be resolved."""
+def expand(template: Template, ctx: TemplateContext,
+           encode: Callable[[str], str] | None = None) -> list[str] | None:
+    """All values of ``template`` in ``ctx`` (every combination when placeholders have several
+    values); None when any placeholder cannot be resolved. ``encode`` is applied to each
+    placeholder's value (URL templates percent-encode them), never to the literal parts."""
     results = [""]
     for part in template.parts:
         if isinstance(part, str):
@@ -219,6 +236,8 @@ def expand(template: Template, ctx: TemplateContext) -> list[str] | None:
             values = [part.default]
         if not values:
             return None
+        if encode is not None:
+            values = [encode(v) for v in values]
         results = [r + v for r in results for v in values]
         if len(results) > MAX_EXPANSIONS:
             return None
@@ -244,6 +263,10 @@ _MISSING = object()
 def _walk(doc: Any, path: tuple[str, ...]) -> Any:
     cur = doc
     for name in path:
+        if name == EACH:
+            if not isinstance(cur, list):
+                return _MISSING
+            continue  # the next name is collected from each item, as below
         if isinstance(cur, Mapping):
             cur = cur.get(name, _MISSING)
         elif isinstance(cur, list) and name.isdigit() and int(name) < len(cur):

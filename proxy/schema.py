@@ -90,6 +90,16 @@ def config_schema() -> dict[str, Any]:
     route["required"] = ["name", "match"]
     rule = _object(c.InvalidateRule, overrides={"match": _MATCH, "tags": _TEMPLATES})
     rule["required"] = ["match", "tags"]
+    warm = _object(c.PrewarmRule, overrides={
+        "after": {**_MATCH,
+                  "description": 'the GET whose 2xx answer triggers, e.g. "GET /sessions"'},
+        "fetch": {"type": "array", "items": {"type": "string", "minLength": 1},
+                  "description": "URL templates, e.g. /summary?session_id="
+                                 "{response.json.sessions[*].id}"},
+        "name": {"type": "string", "description": "metric label; default: after"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": 1000,
+                  "default": c.DEFAULT_PREWARM_LIMIT}})
+    warm["required"] = ["after", "fetch"]
     token = _object(c.AdminToken, overrides={"value": None}, extra={"env": _ENV_NAME})
     del token["properties"]["value"]
     token["required"] = ["name", "env"]
@@ -103,6 +113,7 @@ def config_schema() -> dict[str, Any]:
             "cache": cache,
             "routes": {"type": "array", "items": route},
             "invalidate": {"type": "array", "items": rule},
+            "prewarm": {"type": "array", "items": warm},
             "admin": _object(c.AdminConfig, overrides={
                 "tokens": {"type": "array", "items": token}}),
         }),

@@ -21,6 +21,9 @@ MISS_OUTCOMES = frozenset({Outcome.MISS, Outcome.UNCACHEABLE, Outcome.BYPASS})
 
 TOP_KEYS_KEPT = 1000
 HISTORY_SAMPLES = 720  # one per push: twelve minutes at the default interval
+# Hits per URL are also kept in two half-hour windows, the current and the last one: what
+# "the most-hit URLs of the last hour" are taken from (cache.rewarm_top_n).
+RECENT_WINDOW_S = 1800.0
 
 
 class Stats:
@@ -31,6 +34,9 @@ class Stats:
         self._counts: Counter[str] = Counter()
         self._unpushed: Counter[str] = Counter()
         self._top: Counter[tuple[str, str]] = Counter()  # (route, url) -> hits served
+        self._recent: Counter[tuple[str, str]] = Counter()  # the same, this window
+        self._previous: Counter[tuple[str, str]] = Counter()  # ... and the window before
+        self._window_started: float | None = None
         self._pending: dict[tuple[str, Outcome, str], int] = {}
         # (unix time, hits, misses, requests) so far, sampled over time for charts
         self.history: deque[tuple[float, int, int, int]] = deque(maxlen=HISTORY_SAMPLES)
@@ -50,8 +56,11 @@ class Stats:
             self._add(f"req|{route}|{outcome.value}", n)
             if url:
                 self._top[(route, url)] += n
+                self._recent[(route, url)] += n
         if len(self._top) > 2 * TOP_KEYS_KEPT:  # bounded: keep the most hit half
             self._top = Counter(dict(self._top.most_common(TOP_KEYS_KEPT)))
+        if len(self._recent) > 2 * TOP_KEYS_KEPT:
+            self._recent = Counter(dict(self._recent.most_common(TOP_KEYS_KEPT)))
 
     @property
     def counts(self) -> Counter[str]:
@@ -62,7 +71,20 @@ class Stats:
         self._fold()
         return [{"route": r, "url": u, "hits": c} for (r, u), c in self._top.most_common(n)]
 
+    def recent_top(self, n: int, routes: frozenset[str]) -> list[str]:
+        """The ``n`` most-hit URLs of ``routes`` over the last hour or so (the current and
+        the previous half-hour window)."""
+        self._fold()
+        both = self._previous + self._recent
+        return [url for (route, url), _ in both.most_common() if route in routes][:n]
+
     def sample(self, now: float) -> None:
+        if self._window_started is None:
+            self._window_started = now
+        elif now - self._window_started >= RECENT_WINDOW_S:
+            self._fold()
+            self._previous, self._recent = self._recent, Counter()
+            self._window_started = now
         totals = summarize(self.counts)
         self.history.append((round(now, 3), totals["hits"], totals["misses"],
                              totals["requests"]))

@@ -40,7 +40,7 @@ class Writes:
         self.deliver = deliver
 
     async def handle(self, ctx: Ctx) -> web.StreamResponse:
-        req = ctx.request
+        req = ctx.req
         ctx.cache = CacheStatus(Outcome.PASS, fwd="method")
         plan = self.planner.write(ctx.method, req.path)
         if plan.rules:
@@ -85,7 +85,7 @@ class Writes:
         passed = CacheStatus(Outcome.PASS, fwd="method")
         if not self.cfg.enabled or ctx.method in SAFE_METHODS:
             return passed
-        req = ctx.request
+        req = ctx.req
         name = self.planner.identity_cookie
         scope = self.planner.user_scope(req.headers.get(self.planner.identity_header),
                                         req.cookies.get(name) if name else None)

@@ -25,6 +25,9 @@ sys.path.insert(0, str(ROOT))
 from tests.procs import RedisServer, start_python, stop  # noqa: E402
 
 DEFAULT_REDIS = "redis://localhost:6379/1"
+# make run is for development: without an admin token of your own, this one (printed at
+# start-up, never for production) opens the dashboard and the admin routes.
+DEV_ADMIN_TOKEN = "dev-only-admin-token"
 
 
 def redis_answers(url: str) -> bool:
@@ -85,9 +88,15 @@ def main() -> int:
         started.append(stub)
         print(f"* Upstream stub: {stub_url} (pid {stub.pid})")
         env = {"UPSTREAM_URL": stub_url, "REDIS_CACHE_URL": redis_url}
-        proxy, proxy_url = start_python("proxy", [
-            "--config", args.config, "--host", "127.0.0.1", "--port", str(args.proxy_port)],
-            env=env, show_logs=True)
+        admin_token = os.environ.get("CACHE_ADMIN_TOKEN") or DEV_ADMIN_TOKEN
+        env["CACHE_ADMIN_TOKEN"] = admin_token
+        try:
+            proxy, proxy_url = start_python("proxy", [
+                "--config", args.config, "--host", "127.0.0.1", "--port", str(args.proxy_port)],
+                env=env, show_logs=True)
+        except RuntimeError:
+            # The proxy said why on its own (one "config error: ..." line): stop the rest.
+            return 2
         started.append(proxy)
         print(f"* Proxy: {proxy_url} (pid {proxy.pid})\n")
         print("Try it (alice-token is an example token of the stub's demo user):")
@@ -95,6 +104,15 @@ def main() -> int:
               f"'{proxy_url}/transactions?session_id=alice-s1&page_size=3'")
         print("  ... twice: the second answer says X-Cache: HIT")
         print(f"  curl {proxy_url}/cache/health    curl {proxy_url}/metrics\n")
+        shown = admin_token if admin_token == DEV_ADMIN_TOKEN else "$CACHE_ADMIN_TOKEN"
+        if admin_token == DEV_ADMIN_TOKEN:
+            print(f"Admin token (development only, set CACHE_ADMIN_TOKEN for your own): "
+                  f"{DEV_ADMIN_TOKEN}")
+        print(f"  Dashboard: {proxy_url}/cache/dashboard  (any user name, the token as "
+              "password)")
+        print(f"  curl -H 'Authorization: Bearer {shown}' {proxy_url}/cache/stats")
+        print(f"  curl -X DELETE -H 'Authorization: Bearer {shown}' "
+              f"{proxy_url}/cache/session/alice-s1\n")
         print("Ctrl-C stops everything.")
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         while True:

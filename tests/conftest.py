@@ -3,6 +3,7 @@ built from a config dict pointing at both."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -151,4 +152,15 @@ async def shipped(aiohttp_client: Any, stub: TestServer,
     """The proxy exactly as config.yaml configures it, pointed at the stub and test Redis."""
     config = load_config(ROOT_DIR / "config.yaml", shipped_env(stub, redis_server))
     client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
+    return client
+
+
+@pytest.fixture
+async def shipped_no_prewarm(aiohttp_client: Any, stub: TestServer,
+                             redis_server: RedisServer) -> TestClient[Any, Any]:
+    """config.yaml without its prewarm rules: for tests that count exactly what is stored
+    and fetched (prewarming after GET /sessions would add to it in the background)."""
+    config = load_config(ROOT_DIR / "config.yaml", shipped_env(stub, redis_server))
+    client: TestClient[Any, Any] = await aiohttp_client(
+        create_app(dataclasses.replace(config, prewarm=())))
     return client

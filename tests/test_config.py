@@ -58,7 +58,8 @@ BAD: list[tuple[dict[str, Any], dict[str, str], str]] = [
     (with_route(), {"CACHE_TTL_TRANSACTIONS": "-1"},
      "CACHE_TTL_TRANSACTIONS (routes[0].ttl_s) = '-1': must be >= 0"),
     ({}, {"CACHE_KEY_SECRET": "short"}, "CACHE_KEY_SECRET = '<redacted>'"),
-    ({}, {"CACHE_ADMIN_TOKEN": "abc"}, "admin token env-admin"),
+    ({}, {"CACHE_ADMIN_TOKEN": "abc"},
+     "CACHE_ADMIN_TOKEN (admin token env-admin) = '<redacted>': must be at least 8"),
 ]
 
 

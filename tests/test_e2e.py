@@ -4,6 +4,7 @@ overrides, the stub as a process, a private redis-server."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import ENTRY_KEYS
-from .procs import ROOT, RedisServer, start_python, stop
+from .procs import ROOT, RedisServer, free_port, start_python, stop
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +101,64 @@ def test_stub_cli_help() -> None:
     out = subprocess.run([sys.executable, "-m", "upstream_stub", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=30, check=True)
     assert "--latency-scale" in out.stdout
+
+
+# -- make run (scripts/devstack.py) -------------------------------------------------------------
+
+def _devstack(redis_server: RedisServer, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "scripts/devstack.py", "--proxy-port", str(free_port()),
+         "--stub-port", str(free_port()), "--latency-scale", "0"],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "REDIS_CACHE_URL": redis_server.url(), **env})
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_make_run_with_a_bad_token_prints_one_line_and_stops_everything(
+        redis_server: RedisServer) -> None:
+    run = _devstack(redis_server, {"CACHE_ADMIN_TOKEN": "adm"})
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 2
+    assert "Traceback" not in out + err
+    assert err.strip() == ("config error: CACHE_ADMIN_TOKEN (admin token env-admin) = "
+                           "'<redacted>': must be at least 8 characters")
+    stub_pid = int(out.split("Upstream stub: ", 1)[1].split("(pid ", 1)[1].split(")", 1)[0])
+    assert not _pid_alive(stub_pid)
+
+
+def test_make_run_gives_a_development_admin_token(redis_server: RedisServer) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CACHE_ADMIN_TOKEN"}
+    run = subprocess.Popen(
+        [sys.executable, "scripts/devstack.py", "--proxy-port", str(free_port()),
+         "--stub-port", str(free_port()), "--latency-scale", "0"],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        env={**env, "REDIS_CACHE_URL": redis_server.url()})
+    try:
+        assert run.stdout is not None
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        text = "".join(lines)
+        assert "Admin token (development only" in text
+        dashboard = next(x for x in lines if "Dashboard: " in x).split()[1]
+        stats = dashboard.replace("/dashboard", "/stats")
+        token = {"Authorization": "Bearer dev-only-admin-token"}
+        assert get(stats, token)[0] == 200
+        assert get(dashboard, token)[0] == 200
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(stats)
+        e.value.close()
+        assert e.value.code == 401
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=30)
+        assert run.returncode == 0

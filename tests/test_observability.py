@@ -23,7 +23,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.accesslog import AccessLog
-from proxy.app import ACCESS_LOG, ADMIN, KEYSPACE, STATS, push_stats
+from proxy.app import ACCESS_LOG, ADMIN, KEYSPACE, PREWARMER, STATS, push_stats
 from proxy.config import LogConfig, load_config, parse_config
 from proxy.context import Ctx
 from proxy.outcome import CacheStatus, Outcome
@@ -62,7 +62,8 @@ async def known_traffic(proxy: TestClient[Any, Any]) -> None:
     await (await proxy.get("/sessions")).read()  # no credential: pass
 
 
-async def test_metrics_after_known_traffic(shipped: TestClient[Any, Any]) -> None:
+async def test_metrics_after_known_traffic(shipped_no_prewarm: TestClient[Any, Any]) -> None:
+    shipped = shipped_no_prewarm  # counts exactly: no prewarming
     await known_traffic(shipped)
     text = await (await shipped.get("/metrics")).text()
     assert total(text, "jsoncache_requests_total", route="sessions", outcome="hit") == 2
@@ -191,7 +192,8 @@ def test_workers_sum_their_counters(redis_server: RedisServer, tmp_path: Path) -
 
 # -- the dashboard --------------------------------------------------------------------------------
 
-async def test_dashboard_shows_what_stats_says(shipped: TestClient[Any, Any]) -> None:
+async def test_dashboard_shows_what_stats_says(shipped_no_prewarm: TestClient[Any, Any]) -> None:
+    shipped = shipped_no_prewarm  # counts exactly: no prewarming
     await known_traffic(shipped)
     await shipped.delete("/cache/tags/rules:nothing", headers=AS_PURGER)
     assert shipped.app is not None
@@ -239,6 +241,44 @@ async def test_dashboard_shows_what_stats_says(shipped: TestClient[Any, Any]) ->
         assert shown["entries"] == str(stats["redis"]["entries_by_route"].get(name, 0))
     assert page["outcomes"] == {"miss": "4", "hit": "3", "pass": "1"}
     assert page["top"] == len(me["top_keys"]) == 2
+
+
+async def test_dashboard_charts_time_of_day_and_shows_prewarming(
+        shipped: TestClient[Any, Any]) -> None:
+    assert shipped.app is not None
+    app = shipped.app
+    sample = (app[STATS], app[KEYSPACE], app[ADMIN].instance)
+    await push_stats(*sample)
+    for _ in range(2):  # two intervals with traffic: two points on the chart
+        await known_traffic(shipped)
+        await push_stats(*sample)
+    await app[PREWARMER].drained()  # GET /sessions triggered the shipped prewarm rule
+    url = str(shipped.make_url("/cache/dashboard"))
+    async with Browser() as browser:
+        await browser.open(url, {"Authorization": f"Bearer {READ_TOKEN}"})
+        await browser.evaluate("""new Promise((resolve) => {
+            const check = () => document.body && document.body.dataset.ready === "1"
+              ? resolve(true) : setTimeout(check, 20);
+            check(); })""")
+        page = await browser.evaluate("""(() => {
+            const warm = {};
+            for (const tr of document.querySelectorAll("#prewarm tbody tr"))
+              warm[tr.dataset.rule] = tr.querySelector("[data-field=stored]").textContent;
+            return {axis: [...document.querySelectorAll("#chart [data-axis=time]")]
+                      .map((t) => t.textContent),
+                    title: document.querySelector("#chart").previousElementSibling.textContent,
+                    lines: document.querySelectorAll("#chart path").length, warm};
+        })()""")
+    assert page["lines"] == 1
+    assert len(page["axis"]) == 3
+    for label in page["axis"]:
+        assert re.fullmatch(r"\d\d:\d\d:\d\d( [AP]M)?", label), page["axis"]
+    assert "time of day" in page["title"]
+    assert "1-second interval" in page["title"]
+    stats = await (await shipped.get("/cache/stats", headers=AS_READER)).json()
+    # Alice's and Bob's first GET /sessions each warmed their three sessions' three views.
+    assert stats["instance"]["prewarm"]["GET /sessions"]["stored"] == 18
+    assert page["warm"] == {"GET /sessions": "18"}
 
 
 async def test_dashboard_needs_a_token(shipped: TestClient[Any, Any]) -> None:
