@@ -19,10 +19,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from proxy import keys, scripts
 from proxy.config import RedisConfig
 from proxy.entry import Entry
+from proxy.feed import Node
+from proxy.keyspace import Keyspace
 from proxy.layout import Layout
 from proxy.redisconn import RedisConn
 from proxy.store import Store
@@ -47,7 +50,7 @@ def _tags(i: int, extra: str | None = None) -> tuple[str, ...]:
 
 
 async def _epoch(store: Store) -> int:
-    seconds, micros = await store.redis.time()
+    seconds, micros = await store.data.client(store.conn.primaries[0]).call("TIME")
     return int(seconds) * 1_000_000 + int(micros)
 
 
@@ -63,7 +66,11 @@ async def _fill(store: Store, start: int, stop: int) -> None:
     for lo in range(start, stop, BATCH):
         calls = [store.save_call(_primary(f"b{i}"), _entry(i, _tags(i)), 3600.0, epoch)
                  for i in range(lo, min(lo + BATCH, stop))]
-        await store._eval_many(scripts.SAVE, calls)
+        by_node: dict[Node, list[tuple[list[str], list[Any]]]] = {}
+        for call in calls:
+            by_node.setdefault(store.conn.node_for(call[0][0]), []).append(call)
+        await asyncio.gather(*(store._eval_many(scripts.SAVE, c, node)
+                               for node, c in by_node.items()))
 
 
 async def _round(store: Store, round_no: int) -> float:
@@ -82,12 +89,16 @@ async def _round(store: Store, round_no: int) -> float:
 
 
 async def _scan_once(store: Store) -> float:
+    """The seed's way: a pattern SCAN over the whole keyspace (every primary)."""
     started = time.perf_counter()
-    cursor = 0
-    while True:
-        cursor, _ = await store.redis.scan(cursor, match="*victim-seed*", count=1000)
-        if cursor == 0:
-            return time.perf_counter() - started
+    for node in store.conn.primaries:
+        cursor: Any = b"0"
+        while True:
+            cursor, _ = await store.data.client(node).call(
+                "SCAN", cursor, "MATCH", "*victim-seed*", "COUNT", 1000)
+            if cursor in (b"0", 0):
+                break
+    return time.perf_counter() - started
 
 
 async def main() -> int:
@@ -98,6 +109,7 @@ async def main() -> int:
     cfg = RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000)
     conn = RedisConn(cfg)
     store = Store(conn, Layout(cfg.prefix, cfg.shards), lock_ms=1000)
+    await conn.start()
     await store.start()
     results: list[dict[str, float]] = []
     try:
@@ -119,8 +131,8 @@ async def main() -> int:
                             "ratio": median / base, "seed_scan_ms": scan_ms})
             print(f"{size:>18,} {median:>8.2f}ms {p90:>8.2f}ms {median / base:>7.2f}x "
                   f"{scan_ms:>9.1f}ms  {fill_s:.1f} s")
-        info = await store.redis.info("memory")
-        print(f"\nRedis used_memory at the end: {int(info['used_memory']) / 2**20:.0f} MiB")
+        info = await Keyspace(store).memory()
+        print(f"\nRedis used_memory at the end: {info['used_memory'] / 2**20:.0f} MiB")
         out = ROOT / "bench" / "results"
         out.mkdir(exist_ok=True)
         (out / "purge.json").write_text(json.dumps(results, indent=2))

@@ -53,6 +53,7 @@ log = get_logger("app")
 REPLAY_INTERVAL_S = 0.25
 STATS_PUSH_INTERVAL_S = 1.0
 RESTART_WATCH_INTERVAL_S = 2.0
+TOPOLOGY_INTERVAL_S = 5.0
 
 
 def create_app(config: Config, metrics: Metrics | None = None) -> web.Application:
@@ -70,13 +71,22 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
     stats = Stats()
     conn = RedisConn(config.redis, observer=metrics.redis_op)
     layout = Layout(config.redis.prefix, config.redis.shards)
-    store = Store(conn, layout, lock_ms=config.cache.coalesce_lock_ms)
+    store = Store(conn, layout, lock_ms=config.cache.coalesce_lock_ms,
+                  wait_replicas=config.redis.wait_replicas,
+                  wait_ms=max(10, config.cache.invalidation_wait_ms // 4))
     upstream = Upstream(config.upstream, via=f"1.1 {config.cache.status_name}",
                         strip=config.server.strip_request_headers)
     coalescer = Coalescer(store, wait_s=config.cache.coalesce_wait_ms / 1000)
 
-    async def topology() -> list[tuple[Node, tuple[Shard, ...]]]:
-        return [(conn.node(), layout.shards)]
+    async def topology() -> list[tuple[Node, list[Shard]]]:
+        """Each primary with the shards it serves (its slots), read afresh: the feed asks
+        after losing a connection, which is what a failover looks like."""
+        if config.redis.mode != "single":
+            await conn.topology.refresh()
+        by_node: dict[Node, list[Shard]] = {n: [] for n in conn.primaries}
+        for shard in layout.shards:
+            by_node.setdefault(conn.node_for(shard.channel), []).append(shard)
+        return [(node, shards) for node, shards in by_node.items() if shards]
 
     feed = Feed(topology, sharded=lambda: store.publish == "SPUBLISH",
                 connect_timeout_s=config.redis.connect_timeout_ms / 1000,
@@ -152,11 +162,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         log.warning("CACHE_KEY_SECRET is not set: using the development default; set a secret "
                     "shared by all instances in production")
     await app[UPSTREAM].start()
-    await conn.warm()
+    await conn.start()
     await app[STORE].start()
     await app[FEED].start(ready_timeout_s=2 * config.redis.connect_timeout_ms / 1000)
     instance = app[ADMIN].instance
     tasks = [asyncio.create_task(_replay_loop(app[INVALIDATOR]), name="replay-invalidations"),
+             asyncio.create_task(_topology_loop(conn), name="redis-topology"),
              asyncio.create_task(_stats_loop(app[STATS], app[KEYSPACE], instance),
                                  name="push-stats")]
     app[PREWARMER].start()
@@ -221,6 +232,14 @@ async def _restart_watch(keyspace: Keyspace, prewarmer: Prewarmer) -> None:
             prewarmer.rewarm_soon("redis-restart")
         known = run_id or known
         await asyncio.sleep(RESTART_WATCH_INTERVAL_S)
+
+
+async def _topology_loop(conn: RedisConn) -> None:
+    """Read the topology now and then: replicas come and go (a purge waits for one only
+    where there is one), primaries move; redirections and lost connections read it too."""
+    while True:
+        await asyncio.sleep(TOPOLOGY_INTERVAL_S)
+        await conn.topology.refresh()
 
 
 async def _stats_loop(stats: Stats, keyspace: Keyspace, instance: str) -> None:

@@ -142,22 +142,29 @@ class Coalescer:
 
     async def wait_remote(self, key: str, recheck: Callable[[], Awaitable[bool]]) -> bool:
         """Wait for another process's fill of ``key``. ``recheck`` looks the key up and says
-        whether the entry is there now; it runs once after registering (the fill may have
-        finished before) and once after the wake-up. False: fetch for yourself."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._remote.setdefault(key, []).append(fut)
-        try:
-            if await recheck():
-                return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(fut), self.wait_s)
-            return await recheck()
-        finally:
-            waiters = self._remote.get(key)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self._remote[key]
+        whether the entry is there now (or it took the lock over: then it leads); it runs
+        after registering (the fill may have finished before) and after every wake-up. A
+        wake-up without the entry (a lock given back unused, the feed lost) waits again
+        while another holds the lock, within the one bound. False: fetch for yourself."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_s
+        while True:
+            fut: asyncio.Future[None] = loop.create_future()
+            self._remote.setdefault(key, []).append(fut)
+            try:
+                if await recheck():
+                    return True
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(fut), left)
+            finally:
+                waiters = self._remote.get(key)
+                if waiters and fut in waiters:
+                    waiters.remove(fut)
+                    if not waiters:
+                        del self._remote[key]
 
     async def _lock(self, lead: Lead) -> None:
         token = self.token()

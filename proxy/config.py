@@ -65,9 +65,21 @@ class UpstreamConfig:
     queue_timeout_s: float = 5.0  # waiting for a free upstream connection; then 503
 
 
+RedisMode = Literal["single", "cluster", "sentinel"]
+
+
 @dataclass(frozen=True, slots=True)
 class RedisConfig:
+    # single: one server; cluster: any node(s) of a Redis Cluster (comma-separated seeds);
+    # sentinel: the scheme and credentials of the primary that the sentinels name.
     url: str = "redis://localhost:6379/1"
+    mode: RedisMode = "single"
+    sentinels: tuple[str, ...] = ()  # sentinel mode: host:port of each sentinel
+    service_name: str = "mymaster"  # sentinel mode: the monitored primary's name
+    db: int | None = None  # the database; default: the URL's (sentinel: 1; cluster: only 0)
+    # After a purge on a primary with replicas, wait (up to cache.invalidation_wait_ms) until
+    # this many replicas have it, so that a failover cannot bring purged entries back.
+    wait_replicas: int = 1
     timeout_ms: int = 50
     connect_timeout_ms: int = 200
     prefix: str = "jcache"
@@ -75,6 +87,18 @@ class RedisConfig:
     max_connections: int = 64
     breaker_failures: int = 3
     breaker_reset_s: float = 1.0
+
+    @property
+    def urls(self) -> list[str]:
+        """The configured URL, or each seed node's in cluster mode."""
+        return self.url.split(",")
+
+    @property
+    def database(self) -> int:
+        if self.db is not None:
+            return self.db
+        path = urlsplit(self.urls[0]).path.lstrip("/")
+        return int(path) if path.isdigit() else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +235,9 @@ ENV_KEYS: dict[str, str] = {
     "UPSTREAM_URL": "upstream.url",
     "REDIS_CACHE_URL": "redis.url",
     "REDIS_TIMEOUT_MS": "redis.timeout_ms",
+    "REDIS_MODE": "redis.mode",
+    "REDIS_SENTINELS": "redis.sentinels",
+    "REDIS_SERVICE_NAME": "redis.service_name",
     "CACHE_ENABLED": "cache.enabled",
     "CACHE_TTL_DEFAULT": "cache.default_ttl_s",
     "CACHE_MAX_BODY_BYTES": "cache.max_body_bytes",
@@ -488,19 +515,28 @@ def _upstream(r: _Reader) -> UpstreamConfig:
 def _redis(r: _Reader) -> RedisConfig:
     d = RedisConfig()
     url = r.text("url", d.url)
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise r._err("url", r.doc.get("url"), "must be a redis://, rediss:// or unix:// URL")
-    if parts.scheme != "unix":
-        try:
-            parts.port  # noqa: B018 - validates the port
-        except ValueError:
-            raise r._err("url", r.doc.get("url"), "has an invalid port") from None
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            raise r._err("url", r.doc.get("url"), "database must be a number, as in /1")
+    mode: Any = r.choice("mode", ("single", "cluster", "sentinel"), d.mode)
+    urls = [u.strip() for u in url.split(",")]
+    if len(urls) > 1 and mode != "cluster":
+        raise r._err("url", r.doc.get("url"), "several URLs (seed nodes) need redis.mode cluster")
+    url_dbs = {_check_redis_url(r, u) for u in urls}
+    url_db = max(url_dbs)
+    db = r.opt_int("db", 0, 1 << 16)
+    if mode == "cluster" and (db or url_db):
+        raise r._err("db" if db else "url", db or url,
+                     "a Redis Cluster has only database 0 (the prefix keeps this proxy's keys "
+                     "apart)")
+    sentinels = _sentinels(r)
+    if mode == "sentinel" and not sentinels:
+        raise r._err("sentinels", r.doc.get("sentinels"),
+                     "sentinel mode needs at least one sentinel (host:port)")
     out = RedisConfig(
-        url=url,
+        url=",".join(urls),
+        mode=mode,
+        sentinels=sentinels,
+        service_name=r.text("service_name", d.service_name, pattern=r"[A-Za-z0-9_.:-]{1,128}"),
+        db=db if db is not None else (1 if mode == "sentinel" and not url_db else None),
+        wait_replicas=r.integer("wait_replicas", d.wait_replicas, 0, 16),
         timeout_ms=r.integer("timeout_ms", d.timeout_ms, 1, 60_000),
         connect_timeout_ms=r.integer("connect_timeout_ms", d.connect_timeout_ms, 1, 60_000),
         prefix=r.text("prefix", d.prefix, pattern=r"[A-Za-z0-9_.:-]{1,64}"),
@@ -511,6 +547,42 @@ def _redis(r: _Reader) -> RedisConfig:
     )
     r.done()
     return out
+
+
+def _check_redis_url(r: _Reader, url: str) -> int:
+    """Validate one Redis URL; returns its database number (0 when it names none)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise r._err("url", r.doc.get("url"), "must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        return 0
+    try:
+        parts.port  # noqa: B018 - validates the port
+    except ValueError:
+        raise r._err("url", r.doc.get("url"), "has an invalid port") from None
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise r._err("url", r.doc.get("url"), "database must be a number, as in /1")
+    return int(db or 0)
+
+
+def _sentinels(r: _Reader) -> tuple[str, ...]:
+    raw = r.doc.get("sentinels")
+    r.used.add("sentinels")
+    items: list[Any]
+    if raw is None:
+        return ()
+    if isinstance(raw, _FromEnv):
+        items = [x.strip() for x in raw.text.split(",") if x.strip()]
+    elif isinstance(raw, str):
+        items = [x.strip() for x in raw.split(",") if x.strip()]
+    else:
+        items = r.items("sentinels")
+    for item in items:
+        host, _, port = str(item).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise r._err("sentinels", raw, f"{item!r} is not host:port")
+    return tuple(str(i) for i in items)
 
 
 def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:

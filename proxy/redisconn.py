@@ -1,6 +1,6 @@
-"""The connection to Redis: the pooled client, the time budget of each call and the circuit
-breaker. Redis errors leave this module as StoreUnavailable / EntryCorrupt, never as
-redis-py exceptions, so callers fall back by kind."""
+"""The connection to Redis: where the data lives (``topology``), the connections to each
+node (``router``), the time budget of each call and a circuit breaker per node. Redis
+errors leave this module as StoreUnavailable / EntryCorrupt, so callers fall back by kind."""
 
 from __future__ import annotations
 
@@ -8,26 +8,52 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 import redis.exceptions as rex
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from .breaker import Breaker, State
 from .config import RedisConfig
 from .errors import EntryCorrupt, StoreUnavailable
 from .feed import Node
 from .log import get as get_logger
-from .resp import Client, RespError
+from .resp import RespError
+from .router import Router
+from .topology import Topology
 
 T = TypeVar("T")
 log = get_logger("redis")
 
 OpObserver = Callable[[str, float, str | None], None]
+
+
+class Breakers:
+    """A circuit breaker per Redis node, so that one primary lost on a cluster stops
+    caching for its slots only. ``state``: the worst of them (health, metrics)."""
+
+    def __init__(self, failures: int, reset_s: float) -> None:
+        self.failures = failures
+        self.reset_s = reset_s
+        self._by_node: dict[Node, Breaker] = {}
+
+    def of(self, node: Node) -> Breaker:
+        breaker = self._by_node.get(node)
+        if breaker is None:
+            breaker = self._by_node[node] = Breaker(self.failures, self.reset_s)
+        return breaker
+
+    @property
+    def state(self) -> State:
+        states = {b.state for b in self._by_node.values()}
+        for worst in (State.OPEN, State.HALF_OPEN):
+            if worst in states:
+                return worst
+        return State.CLOSED
+
+    def all_open(self, nodes: Sequence[Node]) -> bool:
+        return all(self.of(n).state is State.OPEN for n in nodes)
 
 
 class RedisConn:
@@ -38,60 +64,55 @@ class RedisConn:
         # The socket timeout bounds each command; a call that must open a connection first
         # may also spend the connect timeout.
         self.call_limit_s = self.budget_s + cfg.connect_timeout_ms / 1000.0
-        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s)
+        self.breaker = Breakers(cfg.breaker_failures, cfg.breaker_reset_s)
         self._clock = clock
         self._observer = observer
-        pool = aioredis.BlockingConnectionPool.from_url(
-            cfg.url,
-            max_connections=cfg.max_connections,
-            timeout=self.budget_s,
-            socket_timeout=self.budget_s,
-            socket_connect_timeout=cfg.connect_timeout_ms / 1000.0,
-            # Retrying inside redis-py would spend the budget several times over.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            # No CLIENT SETINFO round trips on every new connection.
-            driver_info=None,
-        )
-        self.client: aioredis.Redis = aioredis.Redis(connection_pool=pool)
-        # The request path's own connections (see resp): lookups, saves, purges, locks.
-        self.data = Client(self.node(), db=int(parse_url(cfg.url).get("db") or 0),
-                           connect_timeout_s=cfg.connect_timeout_ms / 1000.0)
-        # Pub/sub blocks on reads for as long as nothing is published: it gets its own client
-        # without the per-call socket timeout.
-        self.listener: aioredis.Redis = aioredis.Redis.from_url(
-            cfg.url, socket_timeout=None,
-            socket_connect_timeout=cfg.connect_timeout_ms / 1000.0,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0, max_connections=4,
-            driver_info=None)
+        connect_s = cfg.connect_timeout_ms / 1000.0
+        self.topology = Topology(cfg, node_of(cfg.urls[0]), connect_timeout_s=connect_s)
+        # Every command of the proxy goes over lean pipelined connections, one set per node
+        # (see resp, router); redis-py only parses URLs and computes slots.
+        self.data = Router(self.topology, db=cfg.database, connect_timeout_s=connect_s)
+        self._refreshes: set[asyncio.Task[Any]] = set()
 
-    async def warm(self, connections: int = 4) -> None:
-        """Open a few pooled connections before traffic arrives (best effort)."""
-        async def ping() -> None:
+    async def start(self) -> None:
+        """Read the topology (best effort: without Redis, start anyway and read it later),
+        then open a connection to each primary before traffic arrives."""
+        await self.topology.refresh(force=True)
+
+        async def ping(node: Node) -> None:
             with contextlib.suppress(StoreUnavailable):
-                await self.run("ping", lambda: self.client.ping(), trips=False)
-        await asyncio.gather(*(ping() for _ in range(connections)))
+                await self.run("ping", lambda: self.data.client(node).call("PING"), node=node,
+                               trips=False)
+        await asyncio.gather(*(ping(n) for n in self.topology.primaries))
 
     async def close(self) -> None:
+        for task in self._refreshes:
+            task.cancel()
         await self.data.close()
-        await self.client.aclose(close_connection_pool=True)
-        await self.listener.aclose()
 
-    def node(self) -> Node:
-        """Where the configured server listens, for the feed's own connection."""
-        return node_of(self.cfg.url)
+    @property
+    def primaries(self) -> tuple[Node, ...]:
+        return self.topology.primaries
+
+    def node_for(self, key: str) -> Node:
+        return self.topology.node_for(key)
 
     async def ping(self) -> float:
-        started = time.perf_counter()
-        await self.run("ping", lambda: self.client.ping())
-        return time.perf_counter() - started
+        """The slowest primary's PING round trip (seconds); raises when one fails."""
+        async def one(node: Node) -> float:
+            started = time.perf_counter()
+            await self.run("ping", lambda: self.data.client(node).call("PING"), node=node)
+            return time.perf_counter() - started
+        return max(await asyncio.gather(*(one(n) for n in self.primaries)))
 
     async def run(self, op: str, fn: Callable[[], Awaitable[T]], *,
-                  budget_s: float | None = None, trips: bool = True,
-                  force: bool = False) -> T:
-        """Run one Redis operation under the budget and the breaker (``force``: try even
-        when the breaker is open, for invalidations that must not be given up lightly)."""
-        if not force and not self.breaker.allow(self._clock()):
+                  node: Node | None = None, budget_s: float | None = None,
+                  trips: bool = True, force: bool = False) -> T:
+        """Run one Redis operation on ``node`` (default: the first primary) under the budget
+        and that node's breaker (``force``: try even when the breaker is open, for
+        invalidations that must not be given up lightly)."""
+        breaker = self.breaker.of(node if node is not None else self.primaries[0])
+        if not force and not breaker.allow(self._clock()):
             self.observe(op, 0.0, "circuit-open")
             raise StoreUnavailable("circuit-open")
         started = time.perf_counter()
@@ -103,7 +124,7 @@ class RedisConn:
                 result = await fn()
         except (rex.ResponseError, RespError) as e:
             if str(e).startswith("WRONGTYPE"):
-                self.breaker.success()
+                breaker.success()
                 self.observe(op, time.perf_counter() - started, "wrongtype")
                 raise EntryCorrupt("wrong type") from None
             oom = isinstance(e, rex.OutOfMemoryError) or str(e).startswith("OOM")
@@ -115,28 +136,41 @@ class RedisConn:
                 # a busy CPU), not Redis slow. Counted, but it does not trip the breaker.
                 kind = "local-slow"
         else:
-            if self.breaker.state is not State.CLOSED:
-                log.info("redis is back: caching resumes", op=op)
-            self.breaker.success()
+            if breaker.state is not State.CLOSED:
+                log.info("redis is back: caching resumes", op=op, node=_name(node))
+            breaker.success()
             self.observe(op, time.perf_counter() - started, None)
             return result
-        self._failed(op, kind, trips)
+        self._failed(op, kind, trips, breaker, node)
         self.observe(op, time.perf_counter() - started, kind)
         raise StoreUnavailable(kind)
 
-    def _failed(self, op: str, kind: str, trips: bool) -> None:
+    def _failed(self, op: str, kind: str, trips: bool, breaker: Breaker,
+                node: Node | None) -> None:
         if kind in ("oom", "response"):
-            self.breaker.success()  # Redis answered: it is up, only this command failed
-        elif trips and kind not in ("pool", "local-slow"):  # says nothing about Redis
-            was_open = self.breaker.state is State.OPEN
-            self.breaker.failure(self._clock())
-            if self.breaker.state is State.OPEN and not was_open:
+            breaker.success()  # Redis answered: it is up, only this command failed
+            return
+        if kind == "connection" and self.cfg.mode != "single":
+            self._refresh_topology()  # a failover or a lost primary: ask where things are now
+        if trips and kind not in ("pool", "local-slow"):  # says nothing about Redis
+            was_open = breaker.state is State.OPEN
+            breaker.failure(self._clock())
+            if breaker.state is State.OPEN and not was_open:
                 log.warning("redis unavailable: requests bypass the cache", kind=kind, op=op,
-                            retry_after_s=self.breaker.reset_s)
+                            node=_name(node), retry_after_s=breaker.reset_s)
+
+    def _refresh_topology(self) -> None:
+        task = asyncio.ensure_future(self.topology.refresh())
+        self._refreshes.add(task)
+        task.add_done_callback(self._refreshes.discard)
 
     def observe(self, op: str, seconds: float, error: str | None) -> None:
         if self._observer is not None:
             self._observer(op, seconds, error)
+
+
+def _name(node: Node | None) -> str | None:
+    return None if node is None else (node.path or f"{node.host}:{node.port}")
 
 
 def _kind(e: BaseException) -> str:

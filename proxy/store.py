@@ -22,6 +22,7 @@ from typing import Any
 from . import keys, scripts
 from .entry import Entry, HitForMiss, decode_entry
 from .errors import EntryCorrupt, StoreUnavailable
+from .feed import Node
 from .layout import Layout, Shard
 from .redisconn import RedisConn
 from .resp import RespError
@@ -51,11 +52,17 @@ class Lookup:
 
 
 class Store:
-    def __init__(self, conn: RedisConn, layout: Layout, *, lock_ms: int) -> None:
+    def __init__(self, conn: RedisConn, layout: Layout, *, lock_ms: int,
+                 wait_replicas: int = 0, wait_ms: int = 0) -> None:
         self.conn = conn
-        self.redis = conn.client
+        self.data = conn.data
         self.layout = layout
         self.lock_ms = lock_ms
+        # A purge on a primary with replicas waits (WAIT) this long at most for this many of
+        # them to have it; fewer in time: the purge counts as failed (and is retried, then
+        # deferred), since a failover could otherwise bring purged entries back.
+        self.wait_replicas = wait_replicas
+        self.wait_ms = wait_ms
         # SPUBLISH (sharded pub/sub, Redis >= 7) where the server has it: a cluster then
         # sends each message to the shard's own node, not to every node.
         self.publish = "PUBLISH"
@@ -65,32 +72,40 @@ class Store:
     async def start(self) -> None:
         """Learn what the server offers (best effort: without Redis, start anyway)."""
         with contextlib.suppress(StoreUnavailable):
-            info = await self.conn.run("info", lambda: self.redis.info("server"), trips=False)
-            major = int(str(info.get("redis_version", "0")).split(".")[0])
+            node = self.conn.primaries[0]
+            info = await self.conn.run("info", lambda: self.data.client(node).call(
+                "INFO", "server"), node=node, trips=False)
+            major = int(parse_info(info).get("redis_version", "0").split(".")[0])
             self.publish = "SPUBLISH" if major >= 7 else "PUBLISH"
 
     # -- scripts -----------------------------------------------------------------------------
 
     async def _eval(self, source: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
-        return (await self._eval_many(source, [(keys_, args)]))[0]
+        return (await self._eval_many(source, [(keys_, args)],
+                                      self.conn.node_for(keys_[0])))[0]
 
-    async def _eval_many(self, source: str,
-                         calls: Sequence[tuple[Sequence[str], Sequence[Any]]]) -> list[Any]:
-        """EVALSHA each call, pipelined; a server that does not know the script yet
-        (restarted, flushed) gets it loaded and the calls again. Error replies raise."""
-        data = self.conn.data
+    async def _eval_many(self, source: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
+                         node: Node, tail: Sequence[Sequence[Any]] = ()) -> list[Any]:
+        """EVALSHA each call on ``node`` (every call's keys are its), pipelined, then the
+        ``tail`` commands on the same connection (a dedicated one when there is a tail); a
+        server that does not know the script yet (restarted, flushed, a new primary) gets
+        it loaded and the calls again. Error replies raise."""
+        data = self.data
         for _ in range(2):
             sha = self._sha.get(source)
             if sha is None:
-                sha = self._sha[source] = (await data.call("SCRIPT", "LOAD", source)).decode()
-            replies = await data.call_many([("EVALSHA", sha, len(k), *k, *a) for k, a in calls])
+                sha = self._sha[source] = (await data.client(node).call(
+                    "SCRIPT", "LOAD", source)).decode()
+            commands = [("EVALSHA", sha, len(k), *k, *a) for k, a in calls]
+            replies = await data.send(node, [*commands, *tail], key=calls[0][0][0],
+                                      dedicated=bool(tail))
             if not any(isinstance(r, RespError) and str(r).startswith("NOSCRIPT")
                        for r in replies):
                 for r in replies:
                     if isinstance(r, RespError):
                         raise r
                 return replies
-            self._sha.pop(source, None)
+            await data.client(node).call("SCRIPT", "LOAD", source)
         raise StoreUnavailable("response", "script could not be loaded")
 
     # -- reads -----------------------------------------------------------------------------------
@@ -142,7 +157,8 @@ class Store:
         """An undecodable value (or not a hash) where an entry belongs: a miss; remove it."""
         self.conn.observe("lookup", 0.0, kind)
         with contextlib.suppress(StoreUnavailable):
-            await self.conn.run("delete", lambda: self.redis.unlink(key))
+            await self.conn.run("delete", lambda: self.data.call(key, "UNLINK", key),
+                                node=self.conn.node_for(key))
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -157,7 +173,8 @@ class Store:
         lookup (the fill may then carry data from before a write). Releases ``lock`` and
         announces the fill either way. True when stored."""
         k, a = self.save_call(primary, entry, ttl_s, lookup.epoch_us, lock)
-        result = await self.conn.run("save", lambda: self._eval(scripts.SAVE, k, a))
+        result = await self.conn.run("save", lambda: self._eval(scripts.SAVE, k, a),
+                                     node=self.conn.node_for(k[0]))
         _released(lock)
         return bool(result)
 
@@ -182,14 +199,15 @@ class Store:
         shard = self.layout.shard(primary)
         k = [shard.entry(primary), shard.lock(primary)]
         a = [reason, *self._finish_args(shard, lock, primary), ttl_s * 1000]
-        await self.conn.run("save", lambda: self._eval(scripts.HIT_FOR_MISS, k, a))
+        await self.conn.run("save", lambda: self._eval(scripts.HIT_FOR_MISS, k, a),
+                            node=self.conn.node_for(k[0]))
         _released(lock)
 
     async def lock(self, primary: str, token: str) -> bool:
         """Take the fill lock of ``primary``; False when another holds it."""
         key = self.layout.shard(primary).lock(primary)
-        got = await self.conn.run("lock", lambda: self.conn.data.call(
-            "SET", key, token, "NX", "PX", self.lock_ms))
+        got = await self.conn.run("lock", lambda: self.data.call(
+            key, "SET", key, token, "NX", "PX", self.lock_ms), node=self.conn.node_for(key))
         return got is not None
 
     async def unlock(self, lock: FillLock) -> None:
@@ -199,32 +217,57 @@ class Store:
         shard = self.layout.shard(lock.primary)
         key = shard.lock(lock.primary)
         a = ["", *self._finish_args(shard, lock, lock.primary)]
-        await self.conn.run("unlock", lambda: self._eval(scripts.UNLOCK, [key, key], a))
+        await self.conn.run("unlock", lambda: self._eval(scripts.UNLOCK, [key, key], a),
+                            node=self.conn.node_for(key))
         lock.token = None
 
     async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
                          force: bool = False) -> int:
         """Make every entry carrying one of ``tags`` unusable (soft: stale, to revalidate)
         in every shard, and delete (soft: mark) what the indexes list; returns how many
-        entries. ``force``: past the circuit breaker (invalidations that must not be given
-        up lightly)."""
+        entries. The shards of each node go in one pipeline, the nodes in parallel.
+        ``force``: past the circuit breaker (invalidations that must not be given up
+        lightly). Raises StoreUnavailable when any node did not take it (whole)."""
         wanted = list(dict.fromkeys(tags))
         if not wanted:
             return 0
-        shards = self.layout.shards
-        batch = max(16, PURGE_BATCH // len(shards))
+        by_node: dict[Node, list[Shard]] = {}
+        for shard in self.layout.shards:
+            by_node.setdefault(self.conn.node_for(shard.marker), []).append(shard)
+        batch = max(16, PURGE_BATCH // len(self.layout.shards))
+        counts = await asyncio.gather(
+            *(self._purge_on(node, shards, wanted, soft, force, batch)
+              for node, shards in by_node.items()), return_exceptions=True)
+        for c in counts:
+            if isinstance(c, BaseException):
+                raise c
+        return sum(c for c in counts if isinstance(c, int))
+
+    async def _purge_on(self, node: Node, shards: list[Shard], wanted: list[str], soft: bool,
+                        force: bool, batch: int) -> int:
         # shard index -> (tags finished, offset into the first unfinished tag, first call)
         state = {s.index: (0, 0, True) for s in shards}
+        by_index = {s.index: s for s in shards}
+        waits = min(self.wait_replicas, self.conn.topology.replicas_of(node))
+        tail = [("WAIT", waits, self.wait_ms)] if waits else []
         total = 0
         while state:
             order = list(state)
-            calls = [([shards[i].marker], [
-                shards[i].prefix, 1 if soft else 0, batch, state[i][1], MARKER_TTL_MS,
-                shards[i].channel, self.publish, 1 if state[i][2] else 0,
+            calls = [([by_index[i].marker], [
+                by_index[i].prefix, 1 if soft else 0, batch, state[i][1], MARKER_TTL_MS,
+                by_index[i].channel, self.publish, 1 if state[i][2] else 0,
                 *wanted[state[i][0]:]]) for i in order]
             replies = await self.conn.run(
-                "purge", lambda c=calls: self._eval_many(scripts.PURGE, c),  # type: ignore[misc]
-                force=force)
+                "purge", lambda c=calls: self._eval_many(  # type: ignore[misc]
+                    scripts.PURGE, c, node, tail),
+                node=node, force=force,
+                budget_s=self.conn.call_limit_s + (self.wait_ms / 1000 if tail else 0))
+            if tail:
+                acked = int(replies.pop())
+                if acked < waits:
+                    # Not on a replica in time: a failover now could bring purged entries
+                    # back. The caller retries, then defers (and keeps them from serving).
+                    raise StoreUnavailable("replication")
             nxt = {}
             for i, (count, done, offset) in zip(order, replies, strict=True):
                 total += int(count)
@@ -264,9 +307,19 @@ class _Batch:
     async def _run(self, calls: list[tuple[list[str], list[Any]]],
                    waiting: list[asyncio.Future[Any]]) -> None:
         store = self.store
+        groups: dict[Node, list[int]] = {}
+        for i, (keys_, _) in enumerate(calls):
+            groups.setdefault(store.conn.node_for(keys_[0]), []).append(i)
+        await asyncio.gather(*(self._run_on(node, [calls[i] for i in idx],
+                                            [waiting[i] for i in idx])
+                               for node, idx in groups.items()))
+
+    async def _run_on(self, node: Node, calls: list[tuple[list[str], list[Any]]],
+                      waiting: list[asyncio.Future[Any]]) -> None:
+        store = self.store
         try:
             replies = await store.conn.run(
-                "lookup", lambda: store._eval_many(scripts.LOOKUP, calls))
+                "lookup", lambda: store._eval_many(scripts.LOOKUP, calls, node), node=node)
         except (StoreUnavailable, EntryCorrupt) as e:
             for fut in waiting:
                 if not fut.done():  # each its own exception: tracebacks are not shared
@@ -276,6 +329,17 @@ class _Batch:
         for fut, reply in zip(waiting, replies, strict=True):
             if not fut.done():
                 fut.set_result(reply)
+
+
+def parse_info(reply: bytes | str) -> dict[str, str]:
+    """An ``INFO`` reply as a dict of its fields (values as text)."""
+    text = reply.decode("latin-1") if isinstance(reply, bytes) else reply
+    out = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and not name.startswith("#"):
+            out[name] = value.strip()
+    return out
 
 
 def _released(lock: FillLock | None) -> None:
