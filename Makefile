@@ -1,14 +1,18 @@
 # jsoncache: a caching reverse proxy for JSON APIs.
 #   make run    set up, then run Redis (reused or started), the upstream stub and the proxy
+#   make run-cluster   the same on a local Redis Cluster (3 primaries, 3 replicas), two proxies
 #   make test   set up, then run the tests (they start their own redis-server processes)
 #   make lint   ruff and mypy          make bench   hits, misses, bytes stored vs a baseline
 #   make conformance   the cache-tests.fyi suite against the proxy (needs node and npm)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
+# Run a second time on the embedded Valkey 9 (the first run uses redis-server when installed).
+VALKEY_TESTS ?= tests/test_core.py tests/test_invalidation.py tests/test_faults.py \
+	tests/test_cluster.py tests/test_sentinel.py tests/test_redis_security.py
 
-.PHONY: setup run test lint bench bench-purge bench-parsers bench-codecs conformance soak soak-memory clean
+.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs conformance soak soak-memory clean
 
 setup: $(VENV)/.installed
 
@@ -19,14 +23,18 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 run: setup
-	@command -v redis-server >/dev/null || [ -n "$$REDIS_CACHE_URL" ] || \
-		echo "note: redis-server is not installed; make run uses \$$REDIS_CACHE_URL or redis://localhost:6379/1 if one answers"
 	$(BIN)/python scripts/devstack.py
+
+# A local Redis Cluster (3 primaries, 3 replicas), the stub and two proxies, until Ctrl-C.
+run-cluster: setup
+	$(BIN)/python scripts/clusterstack.py
 
 # System packages (redis-server, chromium, promtool) are installed when missing.
 test: setup
 	scripts/system-deps.sh
 	PATH="$(CURDIR)/.cache/prometheus/usr/bin:$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	@echo "== again on the embedded Valkey 9: core, invalidation, faults, cluster, sentinel"
+	JSONCACHE_REDIS_SERVER=valkey $(BIN)/python -m pytest $(PYTEST_ARGS) $(VALKEY_TESTS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,6 +1,7 @@
 """``make bench-purge``: the cost of purging one tag as unrelated entries grow 1k -> 1M.
 
-Fills a private redis-server through the proxy's own Store (the real save script, with the
+Runs on a private redis-server and then on a 3-primary Redis Cluster (BENCH_PURGE_TARGETS:
+single,cluster). Fills each through the proxy's own Store (the real save script, with the
 real tag generations and indexes, over the virtual shards: ~all, the route, path prefixes, a
 URL tag and a group tag per entry), then for each size stores 100 entries under one tag and
 times purging that tag (every shard), several rounds.
@@ -29,7 +30,7 @@ from proxy.keyspace import Keyspace
 from proxy.layout import Layout
 from proxy.redisconn import RedisConn
 from proxy.store import Store
-from tests.procs import RedisServer
+from tests.procs import RedisCluster, RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 VICTIMS = 100
@@ -101,20 +102,16 @@ async def _scan_once(store: Store) -> float:
     return time.perf_counter() - started
 
 
-async def main() -> int:
-    top = int(os.environ.get("BENCH_PURGE_MAX", "1000000"))
-    rounds = int(os.environ.get("BENCH_PURGE_ROUNDS", "15"))
-    sizes = [s for s in (1_000, 10_000, 100_000, 1_000_000) if s <= top]
-    server = RedisServer().start()
-    cfg = RedisConfig(url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000)
+async def _measure(name: str, cfg: RedisConfig, sizes: list[int], rounds: int,
+                   ) -> list[dict[str, Any]]:
     conn = RedisConn(cfg)
     store = Store(conn, Layout(cfg.prefix, cfg.shards), lock_ms=1000)
     await conn.start()
     await store.start()
-    results: list[dict[str, float]] = []
+    results: list[dict[str, Any]] = []
     try:
         have = 0
-        print(f"purging one tag of {VICTIMS} entries, {rounds} rounds per size\n")
+        print(f"\n{name}: {len(conn.primaries)} primar{'y' if len(conn.primaries) == 1 else 'ies'}")
         print(f"{'unrelated entries':>18} {'median':>10} {'p90':>10} {'vs 1k':>8} "
               f"{'seed SCAN':>11}  fill time")
         for size in sizes:
@@ -127,19 +124,54 @@ async def main() -> int:
             p90 = times[int(0.9 * (len(times) - 1))] * 1000
             base = results[0]["median_ms"] if results else median
             scan_ms = await _scan_once(store) * 1000
-            results.append({"unrelated": size, "median_ms": median, "p90_ms": p90,
-                            "ratio": median / base, "seed_scan_ms": scan_ms})
+            results.append({"target": name, "unrelated": size, "median_ms": median,
+                            "p90_ms": p90, "ratio": median / base, "seed_scan_ms": scan_ms})
             print(f"{size:>18,} {median:>8.2f}ms {p90:>8.2f}ms {median / base:>7.2f}x "
                   f"{scan_ms:>9.1f}ms  {fill_s:.1f} s")
         info = await Keyspace(store).memory()
-        print(f"\nRedis used_memory at the end: {info['used_memory'] / 2**20:.0f} MiB")
-        out = ROOT / "bench" / "results"
-        out.mkdir(exist_ok=True)
-        (out / "purge.json").write_text(json.dumps(results, indent=2))
-        print(f"written to {out / 'purge.json'}")
+        print(f"Redis used_memory at the end (all primaries): "
+              f"{info['used_memory'] / 2**20:.0f} MiB")
     finally:
         await conn.close()
-        server.stop()
+    return results
+
+
+async def main() -> int:
+    top = int(os.environ.get("BENCH_PURGE_MAX", "1000000"))
+    rounds = int(os.environ.get("BENCH_PURGE_ROUNDS", "15"))
+    targets = os.environ.get("BENCH_PURGE_TARGETS", "single,cluster").split(",")
+    sizes = [s for s in (1_000, 10_000, 100_000, 1_000_000) if s <= top]
+    print(f"purging one tag of {VICTIMS} entries, {rounds} rounds per size")
+    results: list[dict[str, Any]] = []
+    for target in targets:
+        if target == "single":
+            server = RedisServer().start()
+            try:
+                results += await _measure("one server", RedisConfig(
+                    url=server.url(), timeout_ms=30_000, connect_timeout_ms=5_000),
+                    sizes, rounds)
+            finally:
+                server.stop()
+        elif target == "cluster":
+            cluster = RedisCluster(primaries=3).start()
+            try:
+                results += await _measure("3-primary cluster", RedisConfig(
+                    url=cluster.url(), mode="cluster", timeout_ms=30_000,
+                    connect_timeout_ms=5_000), sizes, rounds)
+            finally:
+                cluster.stop()
+        else:
+            raise SystemExit(f"BENCH_PURGE_TARGETS: unknown target {target!r}")
+    by = {(r["target"], r["unrelated"]): r for r in results}
+    if len(targets) == 2:
+        print("\ncluster / one server (median purge time):")
+        for size in sizes:
+            a, b = by[("one server", size)], by[("3-primary cluster", size)]
+            print(f"{size:>18,} {b['median_ms'] / a['median_ms']:>7.2f}x")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "purge.json").write_text(json.dumps(results, indent=2))
+    print(f"written to {out / 'purge.json'}")
     return 0
 
 

@@ -1,11 +1,13 @@
 """``make bench``: hits and misses through the proxy against aiohttp's ceiling, in one run.
 
-Starts a private redis-server, the stub (no latency), two proxies with config.yaml in front
-of it (the second with its L1 off), and the ceiling (``bench/ceiling.py``: the proxy's
+Starts a private redis-server and a 3-primary Redis Cluster, the stub (no latency), three
+proxies with config.yaml in front of it (the second with its L1 off, the third the same on
+the cluster), and the ceiling (``bench/ceiling.py``: the proxy's
 cached response as a constant body). Then measures, each run bounded in time and requests,
 with wrk when installed (else a bounded asyncio client), loopback only:
 
-* the ceiling, and the proxy's hit for the same page: from the L1, and from Redis;
+* the ceiling, and the proxy's hit for the same page: from the L1, from Redis, and from the
+  cluster (all on this one machine: the cost per request, not the cluster's capacity);
 * misses under load: every request a URL of its own, through the proxy and to the stub;
 * the miss overhead: sequential requests with URLs of their own, a new connection each,
   through the proxy and to the stub directly (medians, milliseconds);
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.procs import ROOT, RedisServer, start_python, stop
+from tests.procs import ROOT, RedisCluster, RedisServer, start_python, stop
 
 from . import load
 
@@ -77,21 +79,26 @@ def _bytes_per_raw_byte(redis: RedisServer, proxy: str) -> float:
 Procs = list[subprocess.Popen[bytes]]
 
 
-def _start(redis: RedisServer, stub_url: str, tmp: Path) -> tuple[Procs, str, str]:
-    """Two proxies: the shipped config, and the same with the L1 off."""
+def _start(redis: RedisServer, cluster: RedisCluster, stub_url: str, tmp: Path,
+           ) -> tuple[Procs, list[str]]:
+    """Three proxies: the shipped config; the same with the L1 off; and that on a
+    3-primary cluster."""
     env = {"REDIS_CACHE_URL": redis.url(), "UPSTREAM_URL": stub_url, "LOG_LEVEL": "warning",
            "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
+    on_cluster = {**env, "REDIS_CACHE_URL": cluster.url(), "REDIS_MODE": "cluster"}
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg.setdefault("cache", {})["l1"] = {"max_mb": 0}
     no_l1 = tmp / "no-l1.yaml"
     no_l1.write_text(yaml.safe_dump(cfg))
     procs: Procs = []
     urls = []
-    for config in (ROOT / "config.yaml", no_l1):
-        proc, url = start_python("proxy", ["--config", str(config), "--port", "0"], env=env)
+    for config, environment in ((ROOT / "config.yaml", env), (no_l1, env),
+                                (no_l1, on_cluster)):
+        proc, url = start_python("proxy", ["--config", str(config), "--port", "0"],
+                                 env=environment)
         procs.append(proc)
         urls.append(url)
-    return procs, urls[0], urls[1]
+    return procs, urls
 
 
 def main() -> int:
@@ -100,13 +107,14 @@ def main() -> int:
     wrk = os.environ.get("BENCH_TOOL", "wrk") != "python"
     procs: Procs = []
     redis = RedisServer().start()
+    cluster = RedisCluster(primaries=3).start()
     tmp = Path(tempfile.mkdtemp(prefix="jsoncache-bench-"))
     try:
         stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
         procs.append(stub)
-        started, proxy, proxy_no_l1 = _start(redis, stub_url, tmp)
+        started, (proxy, proxy_no_l1, on_cluster) = _start(redis, cluster, stub_url, tmp)
         procs += started
-        for base in (proxy, proxy_no_l1):
+        for base in (proxy, proxy_no_l1, on_cluster):
             _get(base + PAGE)
             status, headers, body = _get(base + PAGE)
             assert (status, headers.get("X-Cache")) == (200, "HIT"), headers
@@ -121,8 +129,10 @@ def main() -> int:
         runs = [("ceiling: constant body, aiohttp low-level server, uvloop", ceiling_url, False),
                 ("proxy hit (L1)", proxy, False),
                 ("proxy hit, L1 off (a Redis lookup each)", proxy_no_l1, False),
+                ("proxy hit, L1 off, on a 3-primary cluster", on_cluster, False),
                 ("stub direct, every URL its own", stub_url, True),
-                ("proxy miss, every URL its own", proxy, True)]
+                ("proxy miss, every URL its own", proxy, True),
+                ("proxy miss, on a 3-primary cluster", on_cluster, True)]
         results: dict[str, dict[str, float]] = {}
         base_rps = 0.0
         for name, url, unique in runs:
@@ -149,6 +159,7 @@ def main() -> int:
         for p in procs:
             stop(p)
         redis.stop()
+        cluster.stop()
     return 0
 
 

@@ -812,6 +812,8 @@ def redacted(config: Config) -> dict[str, Any]:
 
 
 def _redact_url(url: str) -> str:
+    if "," in url:  # a cluster's seed nodes
+        return ",".join(_redact_url(u.strip()) for u in url.split(","))
     parts = urlsplit(url)
     if parts.password is None:
         return url

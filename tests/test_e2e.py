@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from proxy import embedded
+
 from .conftest import ENTRY_KEYS
 from .procs import ROOT, RedisServer, free_port, start_python, stop
 
@@ -162,3 +164,35 @@ def test_make_run_gives_a_development_admin_token(redis_server: RedisServer) -> 
         run.send_signal(signal.SIGINT)
         run.communicate(timeout=30)
         assert run.returncode == 0
+
+
+def test_make_run_without_redis_starts_the_embedded_valkey() -> None:
+    """A fresh machine: no Redis answers and redis-server is not installed (not on PATH)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CACHE_ADMIN_TOKEN", embedded.ENV)}
+    env.update(PATH=str(Path(sys.executable).parent),
+               REDIS_CACHE_URL=f"redis://127.0.0.1:{free_port()}/1")
+    proxy_port = free_port()
+    run = subprocess.Popen(
+        [sys.executable, "scripts/devstack.py", "--proxy-port", str(proxy_port),
+         "--stub-port", str(free_port()), "--latency-scale", "0"],
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    try:
+        assert run.stdout is not None
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C stops everything"):
+                break
+        started = next(x for x in lines if x.startswith("* Redis: "))
+        assert "started the embedded Valkey 9." in started, started
+        assert "redis-server is not installed" in started
+        server_pid = int(started.split(", pid ", 1)[1].split()[0])
+        page = f"http://127.0.0.1:{proxy_port}/transactions?session_id=alice-s1&page_size=2"
+        alice = {"Authorization": "Bearer alice-token"}
+        assert get(page, alice)[1]["X-Cache"] == "MISS"
+        assert get(page, alice)[1]["X-Cache"] == "HIT"
+    finally:
+        run.send_signal(signal.SIGINT)
+        run.communicate(timeout=30)
+    assert run.returncode == 0
+    assert not _pid_alive(server_pid)
