@@ -397,6 +397,25 @@ class RedisCluster:
             n += 1
         c.set(f"{{junk{n}}}", b"x" * junk_bytes)
 
+    def migrate_slot(self, slot: int, source: RedisServer, target: RedisServer) -> int:
+        """Move one slot and its keys from ``source`` to ``target`` (IMPORTING /
+        MIGRATING, MIGRATE, SETSLOT NODE on every primary), as a resharding does; returns
+        how many keys moved."""
+        src, dst = self.client(source), self.client(target)
+        src_id, dst_id = command(src, "CLUSTER", "MYID"), command(dst, "CLUSTER", "MYID")
+        command(dst, "CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        command(src, "CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        moved = 0
+        auth = [] if self.security.user is None else \
+            ["AUTH2", self.security.user, self.security.password]
+        while keys := command(src, "CLUSTER", "GETKEYSINSLOT", slot, 500):
+            command(src, "MIGRATE", "127.0.0.1", target.port, "", 0, 10000, *auth,
+                    "KEYS", *keys)
+            moved += len(keys)
+        for node in [n for n in self.primaries if n.proc is not None]:
+            command(self.client(node), "CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        return moved
+
     def keys(self, node: RedisServer, pattern: str) -> list[bytes]:
         return list(self.client(node).scan_iter(match=pattern, count=1000))
 

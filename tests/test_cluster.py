@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import create_app
 
 from .conftest import ALICE, AS_PURGER, AS_SUPERUSER, BOB, StubControl, base_config, make_config
-from .procs import RedisCluster
+from .procs import RedisCluster, command
 
 ENTRY_KEYS = "{jcache:*}:e:*"
 PAGES = [f"/transactions?session_id=alice-s1&page_size=1&page={n}" for n in range(1, 301)]
@@ -38,10 +38,11 @@ def cluster(shared_cluster: RedisCluster) -> RedisCluster:
 
 
 async def cluster_proxy(aiohttp_client: Any, stub: TestServer, cluster: RedisCluster,
-                        **redis: Any) -> TestClient[Any, Any]:
+                        cache: dict[str, Any] | None = None, **redis: Any,
+                        ) -> TestClient[Any, Any]:
     doc = base_config(str(stub.make_url("")).rstrip("/"), cluster.url(),
                       redis={"mode": "cluster", "timeout_ms": 500, **redis},
-                      cache={"invalidation_wait_ms": 2000})
+                      cache={"invalidation_wait_ms": 2000, **(cache or {})})
     client: TestClient[Any, Any] = await aiohttp_client(create_app(make_config(doc)))
     return client
 
@@ -143,6 +144,40 @@ async def test_the_l1_hears_every_shards_purges(aiohttp_client: Any, stub: TestS
         resp = await a.get(path, headers=ALICE)
         assert resp.headers["X-Cache"] == "MISS", path
         assert (await resp.json())["data_version"] > page["data_version"]
+
+
+async def test_a_slot_moved_to_another_primary_is_followed(
+        aiohttp_client: Any, stub: TestServer, stubctl: StubControl) -> None:
+    """Resharding under the proxy: a shard's slot moves with its entries to another primary.
+    Its lookups (the L1 off: each one reaches Redis) follow MOVED, the slot map read again;
+    its entries are still hits, and a write purges them on the new owner."""
+    cluster = RedisCluster(primaries=3).start()
+    try:
+        proxy = await cluster_proxy(aiohttp_client, stub, cluster, cache={"l1": {"max_mb": 0}})
+        paths = PAGES[:60]
+        await read_all(proxy, paths, ALICE)
+        source, target = cluster.primaries[0], cluster.primaries[1]
+        key = cluster.keys(source, ENTRY_KEYS)[0]
+        slot = int(command(cluster.client(source), "CLUSTER", "KEYSLOT", key))
+        assert cluster.migrate_slot(slot, source, target) > 0
+        assert key in cluster.keys(target, ENTRY_KEYS)
+        answers = await read_all(proxy, paths, ALICE)
+        assert {s for s, _ in answers} == {200}
+        assert {x for _, x in answers} == {"HIT"}
+        fetched = await stubctl.count("GET /transactions")
+        page = await (await proxy.get(paths[0], headers=ALICE)).json()
+        txn = page["items"][0]
+        new = "Health" if txn["category"] != "Health" else "Bills"
+        put = await proxy.put(f"/transactions/{txn['id']}", json={"category": new},
+                              headers=ALICE)
+        assert put.status == 200
+        assert "invalidation-pending" not in put.headers.get("Cache-Status", "")
+        assert key not in cluster.keys(target, ENTRY_KEYS)  # purged where it lives now
+        answers = await read_all(proxy, paths, ALICE)
+        assert {x for _, x in answers} == {"MISS"}
+        assert await stubctl.count("GET /transactions") == fetched + len(paths)
+    finally:
+        cluster.stop()
 
 
 async def test_a_primary_lost_costs_only_its_slots(aiohttp_client: Any, stub: TestServer,
