@@ -186,22 +186,27 @@ def _unquote(arg: str) -> str | None:
 # Dates (RFC 9110 §5.6.7): IMF-fixdate, and the obsolete RFC 850 and asctime forms.
 
 _MONTHS = {m: i for i, m in enumerate(
-    ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1)}
-_IMF_RE = re.compile(
-    r"^[a-z]{3},\s+(\d{1,2})\s+([a-z]{3})\s+(\d{4})\s+(\d{1,2}):(\d{2}):(\d{2})\s+gmt$")
-_RFC850_RE = re.compile(
-    r"^[a-z]+,\s+(\d{1,2})-([a-z]{3})-(\d{2})\s+(\d{1,2}):(\d{2}):(\d{2})\s+gmt$")
-_ASCTIME_RE = re.compile(
-    r"^[a-z]{3}\s+([a-z]{3})\s+(\d{1,2})\s+(\d{1,2}):(\d{2}):(\d{2})\s+(\d{4})$")
+    ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), 1)}
+_MON = "(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+_TIME = r"(\d{2}):(\d{2}):(\d{2})"
+# Exactly the grammar of §5.6.7 (case-sensitive, single spaces, two-digit fields): a lenient
+# parse could read a malformed Expires as a future date and keep a response fresh that the
+# RFC says is already expired.
+_IMF_RE = re.compile(r"^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), (\d{2}) " + _MON + r" (\d{4}) "
+                     + _TIME + " GMT$")
+_RFC850_RE = re.compile(r"^(?:Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday), "
+                        r"(\d{2})-" + _MON + r"-(\d{2}) " + _TIME + " GMT$")
+_ASCTIME_RE = re.compile(r"^(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) " + _MON + r" ([ \d]\d) "
+                         + _TIME + r" (\d{4})$")
 
 
 def parse_http_date(value: str | None, now: float | None = None) -> float | None:
-    """Seconds since the epoch, or None when the value is not an HTTP-date."""
+    """Seconds since the epoch, or None when the value is not exactly an HTTP-date
+    (RFC 9110 §5.6.7: IMF-fixdate, or the obsolete RFC 850 and asctime forms)."""
     if not value:
         return None
-    v = value.strip().lower()
-    m = _IMF_RE.match(v)
-    if m:
+    v = value.strip(" \t")
+    if (m := _IMF_RE.match(v)) is not None:
         day, mon, year, hh, mm, ss = m.groups()
     elif (m := _RFC850_RE.match(v)) is not None:
         day, mon, yy, hh, mm, ss = m.groups()
@@ -215,9 +220,7 @@ def parse_http_date(value: str | None, now: float | None = None) -> float | None
         mon, day, hh, mm, ss, year = m.groups()
     else:
         return None
-    month = _MONTHS.get(mon)
-    if month is None:
-        return None
+    month = _MONTHS[mon]
     try:
         fields = (int(year), month, int(day), int(hh), int(mm), int(ss))
         if not (1 <= fields[2] <= 31 and fields[3] < 24 and fields[4] < 60 and fields[5] < 61):
@@ -235,21 +238,14 @@ def format_http_date(ts: float) -> str:
 # Age (§4.2.3)
 
 
-def age_value(headers: Headers) -> int | None:
-    """The upstream ``Age`` in seconds: 0 when absent, None when unusable.
-
-    §5.1 asks for the first member of a list-valued Age and calls anything but a
-    non-negative integer invalid, to be treated as stale. An Age that arrives as a list or
-    on several lines is treated as invalid too: a singleton field that came twice means
-    something on the way misbehaved, and §4.2.1 allows "stale" for duplicated freshness
-    information; erring towards a refetch is the safe side.
-    """
+def age_value(headers: Headers) -> int:
+    """The upstream ``Age`` in seconds (§5.1): the first member of the field (a list, or
+    several lines), when it is a non-negative integer; otherwise the Age is not available
+    and counts as 0 (§4.2.3). An unusable Age does not make a response stale."""
     values = get_all(headers, "age")
-    if not values:
+    members = split_list(values) if values else []
+    if not members or not members[0].isdigit() or not members[0].isascii():
         return 0
-    members = split_list(values)
-    if len(members) != 1 or not members[0].isdigit() or not members[0].isascii():
-        return None
     return min(int(members[0]), DELTA_MAX)
 
 
@@ -257,7 +253,7 @@ def corrected_initial_age(headers: Headers, request_time: float, response_time: 
     date_value = parse_http_date(get_first(headers, "date"), response_time)
     apparent_age = max(0.0, response_time - date_value) if date_value is not None else 0.0
     response_delay = max(0.0, response_time - request_time)
-    corrected_age_value = (age_value(headers) or 0) + response_delay
+    corrected_age_value = age_value(headers) + response_delay
     return max(apparent_age, corrected_age_value)
 
 
@@ -364,8 +360,6 @@ def freshness(
         swr = max(swr, float(route.grace_s))
         sie = max(sie, float(route.stale_if_error_s))
     lifetime, source = _lifetime(status, response_headers, cc, route, response_time)
-    if age_value(response_headers) is None:
-        lifetime, source = 0.0, "invalid-age"  # §5.1
     return Freshness(lifetime, source, swr, sie, no_cache, forbid_stale)
 
 
@@ -385,7 +379,9 @@ def _lifetime(status: int, headers: Headers, cc: CacheControl, route: RouteConfi
             return float(v), name
     expires_values = get_all(headers, "expires")
     if expires_values:
-        expires = parse_http_date(expires_values[0], response_time)
+        # §5.3: an invalid date (and several Expires lines: which one?) means "already expired".
+        expires = parse_http_date(expires_values[0], response_time) \
+            if len(expires_values) == 1 else None
         if expires is None:
             return 0.0, "expires"
         date = parse_http_date(get_first(headers, "date"), response_time)

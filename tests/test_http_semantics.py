@@ -144,7 +144,8 @@ async def test_route_grace_period_in_override_mode(make_proxy: MakeProxy,
     assert await stubctl.count("GET /p/{name}") == 2
 
 
-@pytest.mark.parametrize("failure", ["503", "timeout", "reset"])
+@pytest.mark.parametrize("failure", ["503", "timeout", "reset", "closed-before-response",
+                                     "reset-before-response"])
 async def test_stale_if_error(make_proxy: MakeProxy, stubctl: StubControl,
                               failure: str) -> None:
     proxy = await make_proxy(upstream={"timeout_s": 0.3})
@@ -155,6 +156,9 @@ async def test_stale_if_error(make_proxy: MakeProxy, stubctl: StubControl,
         await stubctl.program("sie", status=503, body="down")
     elif failure == "timeout":
         await stubctl.program("sie", delay_ms=3000, body="late")
+    elif failure.endswith("-before-response"):  # RFC 9111 §4.2.4: as for a 5xx
+        await stubctl.program("sie", cut_before_response=failure.split("-")[0].replace(
+            "closed", "close"))
     else:
         await stubctl.program("sie", headers=[["Cache-Control", "max-age=600"]],
                               body="x" * 100, close_mid_body=True)
@@ -163,6 +167,17 @@ async def test_stale_if_error(make_proxy: MakeProxy, stubctl: StubControl,
     assert await body_of(resp) == "saved"
     assert resp.headers["X-Cache"] == "STALE"
     assert "detail=stale-if-error" in resp.headers["Cache-Status"]
+
+
+@pytest.mark.parametrize("cut", ["close", "reset"])
+async def test_a_cut_connection_with_nothing_stored_is_a_502(proxy: TestClient[Any, Any],
+                                                            stubctl: StubControl,
+                                                            cut: str) -> None:
+    await stubctl.program("cut", cut_before_response=cut)
+    resp = await proxy.get("/p/cut")
+    assert resp.status == 502
+    assert resp.headers["X-Cache"] == "ERROR"
+    assert await stubctl.count("GET /p/{name}") == 1  # reached once, never retried
 
 
 @pytest.mark.parametrize("directive", ["must-revalidate", "proxy-revalidate", "s-maxage=10"])

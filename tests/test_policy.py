@@ -68,10 +68,21 @@ def test_cache_control_qualified_field_names() -> None:
     ("Sun, 06 Nov 1994 08:49:37 GMT", 784111777.0),  # IMF-fixdate
     ("Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0),  # obsolete RFC 850
     ("Sun Nov  6 08:49:37 1994", 784111777.0),  # obsolete asctime
-    ("SUN, 06 NOV 1994 08:49:37 gmt", 784111777.0),
+    ("Sun Nov 16 08:49:37 1994", 784975777.0),
+    # §5.6.7: exactly the grammar; anything else is not a date (an Expires of it: expired)
+    ("SUN, 06 NOV 1994 08:49:37 gmt", None),  # case-sensitive
+    ("Sun, 06 Nov 1994 8:49:37 GMT", None),  # one-digit hour
+    ("Sun, 6 Nov 1994 08:49:37 GMT", None),  # one-digit day
+    ("Sun,  06 Nov 1994 08:49:37 GMT", None),  # extra space
+    ("Sun, 06 Nov 1994 08:49:37  GMT", None),
+    ("Sun, 06 Nov 94 08:49:37 GMT", None),  # two-digit year in IMF-fixdate
+    ("Sun 06 Nov 1994 08:49:37 GMT", None),  # no comma
+    ("Sun, 06-Nov-1994 08:49:37 GMT", None),
+    ("Sun, 06 Nov 1994 08:49:37 GMT, Mon, 07 Nov 1994 08:49:37 GMT", None),
+    ("Sun, 06 Nov 1994 08:49:37 UTC", None),
+    ("Sun, 32 Nov 1994 08:49:37 GMT", None),
     ("0", None),
     ("-1", None),
-    ("Sun, 06 Nov 1994 08:49:37 UTC", None),
     ("yesterday", None),
     ("", None),
 ])
@@ -83,18 +94,23 @@ def test_http_date(value: str, expected: float | None) -> None:
 
 @pytest.mark.parametrize(("age_header", "expected"), [
     ([], 0), (["7200"], 7200), (["007"], 7), (["99999999999"], 2147483648),
-    # §5.1: anything but one non-negative integer is invalid (and the response stale)
-    (["abc"], None), (["-7200"], None), (["7200.0"], None), (["0, 7200"], None),
-    (["7200,0"], None), (["7200", "0"], None), (["0", "0"], None), (["7200;foo=bar"], None),
+    # §5.1: a list or repeated lines: the first member counts
+    (["0, 7200"], 0), (["7200,0"], 7200), (["7200", "0"], 7200), (["0", "7200"], 0),
+    (["7200, old"], 7200),
+    # §4.2.3: anything but a non-negative integer is not available: 0, not "stale"
+    (["abc"], 0), (["-7200"], 0), (["7200.0"], 0), (["7200;foo=bar"], 0), (["old, 7200"], 0),
+    ([""], 0),
 ])
-def test_age_value(age_header: list[str], expected: int | None) -> None:
+def test_age_value(age_header: list[str], expected: int) -> None:
     assert policy.age_value([("Age", v) for v in age_header]) == expected
 
 
-def test_invalid_age_means_stale_in_honor_mode_only() -> None:
-    headers = [("Cache-Control", "max-age=3600"), ("Age", "abc")]
-    assert lifetime(headers) == (0, "invalid-age")
-    assert lifetime(headers, OVERRIDE) == (300, "route")
+@pytest.mark.parametrize("age", ["abc", "-10", "1.5", "", "old, 3"])
+def test_an_unusable_age_counts_as_zero_not_stale(age: str) -> None:  # §4.2.3, §5.1
+    headers = [("Cache-Control", "max-age=3600"), ("Age", age)]
+    assert lifetime(headers) == (3600, "max-age")
+    facts_age = policy.corrected_initial_age(headers, NOW, NOW)
+    assert facts_age == 0
 
 
 def test_corrected_initial_age() -> None:
@@ -171,7 +187,16 @@ def lifetime(headers: list[tuple[str, str]], route: RouteConfig = HONOR,
       ("Date", DATE)], HONOR, (60, "max-age")),
     ([("Expires", policy.format_http_date(NOW + 120)), ("Date", DATE)], HONOR,
      (120, "expires")),
-    ([("Expires", "0"), ("Date", DATE)], HONOR, (0, "expires")),  # invalid Expires: stale
+    ([("Expires", "0"), ("Date", DATE)], HONOR, (0, "expires")),  # §5.3 invalid: expired
+    # §5.3 with RFC 9110 §5.6.7: only the exact formats; several Expires lines are invalid
+    ([("Expires", policy.format_http_date(NOW + 120).replace(" 0", " ", 1)), ("Date", DATE)],
+     HONOR, (0, "expires")),
+    ([("Expires", policy.format_http_date(NOW + 120).lower()), ("Date", DATE)], HONOR,
+     (0, "expires")),
+    ([("Expires", policy.format_http_date(NOW + 120)),
+      ("Expires", policy.format_http_date(NOW + 120)), ("Date", DATE)], HONOR, (0, "expires")),
+    ([("Expires", "  " + policy.format_http_date(NOW + 120)), ("Date", DATE)], HONOR,
+     (120, "expires")),  # surrounding whitespace is not part of the field value
     ([("Cache-Control", "max-age=abc"), ("Expires", policy.format_http_date(NOW + 120))],
      HONOR, (0, "max-age")),
     ([], HONOR, (0, "none")),  # no freshness information, no heuristic configured

@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,8 @@ class Program:
     delay_ms: int = 0
     answer_304: bool = True  # answer If-None-Match / If-Modified-Since with 304 when they match
     close_mid_body: bool = False
+    # "close": the connection closed before any response byte; "reset": reset (RST) instead
+    cut_before_response: str = ""
     reflect: list[str] = field(default_factory=list)  # request headers echoed into the body
     count: int = 0
     received: list[dict[str, Any]] = field(default_factory=list)
@@ -333,6 +337,17 @@ async def _health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
+def _cut(request: web.Request, *, reset: bool) -> None:
+    """Drop the connection without answering; ``reset``: with an RST (SO_LINGER 0)."""
+    transport = request.transport
+    assert transport is not None
+    if reset:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.close()
+
+
 async def _program_set(request: web.Request) -> web.Response:
     spec = await _read_json(request)
     name = request.match_info["name"]
@@ -344,6 +359,7 @@ async def _program_set(request: web.Request) -> web.Response:
         delay_ms=int(spec.get("delay_ms", 0)),
         answer_304=bool(spec.get("answer_304", True)),
         close_mid_body=bool(spec.get("close_mid_body", False)),
+        cut_before_response=str(spec.get("cut_before_response", "")),
         reflect=[str(h) for h in spec.get("reflect", [])],
         count=old.count if old else 0,
         received=old.received if old else [],
@@ -389,6 +405,9 @@ async def _programmed(request: web.Request) -> web.StreamResponse:
         await resp304.prepare(request)
         await resp304.write_eof()
         return resp304
+    if prog.cut_before_response:
+        _cut(request, reset=prog.cut_before_response == "reset")
+        return web.Response()  # never sent: the connection is gone
     body = prog.body.encode()
     for name in prog.reflect:  # what a careless backend does with forwarded headers
         body += f"\n{name}: {request.headers.get(name, '')}".encode()
