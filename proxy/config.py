@@ -147,6 +147,9 @@ class CacheConfig:
     # After a flush or a Redis restart, fetch again the N most-hit public URLs of the last
     # hour (0: never).
     rewarm_top_n: int = 0
+    # RFC 9213: the targeted cache-control field aimed at this proxy alone; obeyed first
+    # (unless a route lists otherwise), never stored and never delivered.
+    targeted_field: str = "JSONCache-Cache-Control"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,9 @@ class RouteConfig:
     keep_s: int = 0
     heuristic_fraction: float | None = None
     honor_request_directives: bool = True
+    # RFC 9213: targeted cache-control fields obeyed ahead of Cache-Control, first present
+    # and valid wins; the loader's default is (cache.targeted_field, CDN-Cache-Control).
+    cache_control_fields: tuple[str, ...] = ("JSONCache-Cache-Control", "CDN-Cache-Control")
 
 
 @dataclass(frozen=True, slots=True)
@@ -627,6 +633,7 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         compress_min_bytes=r.integer("compress_min_bytes", d.compress_min_bytes, 0),
         prewarm=prewarm,
         rewarm_top_n=r.integer("rewarm_top_n", d.rewarm_top_n, 0, 10_000),
+        targeted_field=r.text("targeted_field", d.targeted_field, pattern=_FIELD_NAME),
     )
     r.done()
     return out
@@ -679,9 +686,29 @@ def _routes(top: _Reader, cache: CacheConfig, env: Mapping[str, str]) -> tuple[R
             keep_s=r.integer("keep_s", DEFAULT_KEEP_S if mode == "honor" else 0),
             heuristic_fraction=heuristic,
             honor_request_directives=r.flag("honor_request_directives", True),
+            cache_control_fields=_field_list(r, "cache_control_fields",
+                                             (cache.targeted_field, "CDN-Cache-Control")),
         ))
         r.done()
     return tuple(out)
+
+
+_FIELD_NAME = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}"
+
+
+def _field_list(r: _Reader, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    if not r.has(key):
+        return default
+    names = r.items(key)
+    for name in names:
+        if not isinstance(name, str) or not re.fullmatch(_FIELD_NAME, name):
+            raise r._err(key, names, f"{name!r} is not a header field name")
+        if name.lower() == "cache-control":
+            raise r._err(key, names, "lists targeted fields obeyed ahead of Cache-Control "
+                                     "(Cache-Control itself always comes last)")
+    if len({n.lower() for n in names}) != len(names):
+        raise r._err(key, names, "names a field twice")
+    return tuple(names)
 
 
 def _invalidate(top: _Reader) -> tuple[InvalidateRule, ...]:

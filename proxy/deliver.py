@@ -25,7 +25,6 @@ from .metrics import Metrics
 from .outcome import CacheStatus, Outcome
 from .upstream import UpstreamResponse
 
-_INTERNAL_RESPONSE_FIELDS = frozenset({"x-cache"})
 _SURROGATE_FIELDS = SURROGATE_HEADERS
 _FROM_CACHE = frozenset({Outcome.HIT, Outcome.STALE, Outcome.COALESCED, Outcome.REVALIDATED})
 
@@ -34,6 +33,9 @@ class Delivery:
     def __init__(self, cfg: CacheConfig, metrics: Metrics) -> None:
         self.name = cfg.status_name
         self.keep_surrogate = cfg.keep_surrogate_headers
+        # Never passed on: X-Cache from an upstream cache, and the targeted cache-control
+        # field aimed at this proxy alone (RFC 9213).
+        self.internal = frozenset({"x-cache", cfg.targeted_field.lower()})
         self.metrics = metrics
         self.ready_made = ready.supported()
 
@@ -71,7 +73,7 @@ class Delivery:
                 return self._ready(ctx, entry.status, block, body, age, status)
         else:
             headers = CIMultiDict((k, v) for k, v in fields
-                                  if k.lower() not in _INTERNAL_RESPONSE_FIELDS)
+                                  if k.lower() not in self.internal)
             if not self.keep_surrogate:
                 for name in _SURROGATE_FIELDS:
                     headers.popall(name, None)
@@ -136,7 +138,7 @@ class Delivery:
         """An upstream response read whole (a write whose JSON a rule needed)."""
         headers: CIMultiDict[str] = CIMultiDict(
             (k, v) for k, v in policy.end_to_end(up_headers)
-            if k.lower() not in ("content-length", "x-cache"))
+            if k.lower() != "content-length" and k.lower() not in self.internal)
         ctx.cache = status
         self.cache_headers(headers, ctx, status)
         ctx.http_status = up_status
@@ -149,7 +151,7 @@ class Delivery:
         req = ctx.req
         resp = web.StreamResponse(status=up.status, reason=up.reason or None)
         for k, v in policy.end_to_end(up.headers):
-            if k.lower() not in ("content-length", "x-cache"):
+            if k.lower() != "content-length" and k.lower() not in self.internal:
                 resp.headers.add(k, v)
         self.cache_headers(resp.headers, ctx, status)
         if up.content_length is not None and \

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import http_sf
+
 from .config import HEURISTIC_STATUSES, RouteConfig
 
 Headers = Sequence[tuple[str, str]]
@@ -164,6 +166,43 @@ class CacheControl:
 EMPTY_CC = CacheControl({})
 
 
+def targeted(values: Sequence[str]) -> CacheControl | None:
+    """A targeted cache-control field (RFC 9213 §2.1) as directives, or None when its value
+    is not a valid Structured Field Dictionary (RFC 8941): then it is ignored. Directives
+    mean what they mean in Cache-Control; an argument of the wrong type (``max-age=1.5``,
+    ``max-age=-1``) makes that directive unusable, as in Cache-Control."""
+    try:
+        members = http_sf.parse(", ".join(values).encode("latin-1", "replace"),
+                                tltype="dictionary")
+    except (http_sf.StructuredFieldError, ValueError):
+        return None
+    d: dict[str, str | None] = {}
+    for name, member in members.items():  # type: ignore[union-attr]
+        value = member[0] if isinstance(member, tuple) else member
+        if value is True:
+            d[name] = None
+        elif value is False:
+            continue  # "no-store=?0": the directive is off
+        elif isinstance(value, str | http_sf.Token) or (isinstance(value, int) and value >= 0):
+            d[name] = str(value)  # a count, or a String / Token (private="x", no-cache=y)
+        else:
+            d[name] = "\x00invalid"
+    return CacheControl(d)
+
+
+def response_cc(headers: Headers, fields: Sequence[str] = ()) -> CacheControl:
+    """The directives this cache obeys for a response: the first of ``fields`` (targeted
+    fields, RFC 9213) that is present and valid, else Cache-Control. A targeted field, when
+    used, replaces Cache-Control for this cache entirely (§2.1); clients still get both."""
+    for name in fields:
+        values = get_all(headers, name)
+        if values:
+            cc = targeted(values)
+            if cc is not None:
+                return cc
+    return CacheControl.of(headers)
+
+
 def _unquote(arg: str) -> str | None:
     if len(arg) < 2 or not arg.endswith('"'):
         return None
@@ -298,7 +337,7 @@ def storable(
         return Verdict(False, "request-no-store")
     if status < 200 or status in (206, 304):
         return Verdict(False, f"status-{status}")
-    cc = CacheControl.of(response_headers)
+    cc = response_cc(response_headers, route.cache_control_fields)
     if "no-store" in cc and not ("must-understand" in cc and status in UNDERSTOOD_STATUSES):
         return Verdict(False, "no-store")
     if "must-understand" in cc and status not in UNDERSTOOD_STATUSES:
@@ -343,7 +382,7 @@ def freshness(
     response_time: float,
 ) -> Freshness:
     """How long a stored response stays fresh, and what may be done with it once stale."""
-    cc = CacheControl.of(response_headers)
+    cc = response_cc(response_headers, route.cache_control_fields)
     swr = _delta_or_zero(cc, "stale-while-revalidate")
     sie = _delta_or_zero(cc, "stale-if-error")
     if route.mode == "override":

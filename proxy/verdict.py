@@ -167,10 +167,12 @@ def make_entry(keyed: Keyed, status: int, headers: list[tuple[str, str]], head: 
                       ctx=template, response_headers=headers)
     return Entry(
         status=status,
-        # Stored ready to send: Surrogate-Key and Cache-Tag are read (tags) and dropped.
+        # Stored ready to send: Surrogate-Key and Cache-Tag are read (tags) and dropped, and
+        # so is the targeted field aimed at this proxy alone (RFC 9213).
         headers=tuple(policy.stored_fields(
             headers, head.response_time,
-            drop=() if cfg.keep_surrogate_headers else SURROGATE_HEADERS)),
+            drop=(cfg.targeted_field,
+                  *(() if cfg.keep_surrogate_headers else SURROGATE_HEADERS)))),
         body=body,
         request_time=head.request_time,
         response_time=head.response_time,

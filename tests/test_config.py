@@ -35,6 +35,12 @@ BAD: list[tuple[dict[str, Any], dict[str, str], str]] = [
     (with_route(tags=["~mine"]), {}, "reserved"),
     (with_route(statuses=[200, 206]), {}, "routes[0].statuses"),
     (with_route(ttl=5), {}, "routes[0].ttl = 5: unknown key"),
+    (with_route(cache_control_fields=["CDN Cache"]), {},
+     "routes[0].cache_control_fields = ['CDN Cache']: 'CDN Cache' is not a header field name"),
+    (with_route(cache_control_fields=["Cache-Control"]), {},
+     "routes[0].cache_control_fields = ['Cache-Control']: lists targeted fields"),
+    (with_route(cache_control_fields=["A-CC", "a-cc"]), {}, "names a field twice"),
+    ({"cache": {"targeted_field": "a b"}}, {}, "cache.targeted_field = 'a b'"),
     ({"routes": [ROUTE, ROUTE]}, {}, "routes[1].name = 'transactions': is used by another route"),
     ({"cache": {"ttl": 5}}, {}, "cache.ttl = 5: unknown key"),
     ({"cache": {"max_body_bytes": -1}}, {}, "cache.max_body_bytes = -1"),
@@ -169,6 +175,13 @@ def test_cli_check_config_ok() -> None:
     result = _cli("--config", "config.yaml", "--check-config")
     assert result.returncode == 0, result.stderr
     assert "config OK" in result.stdout
+
+
+def test_targeted_fields_follow_the_configured_name() -> None:
+    cfg = parse_config({"cache": {"targeted_field": "Acme-Cache-Control"}, **with_route()}, {})
+    assert cfg.routes[0].cache_control_fields == ("Acme-Cache-Control", "CDN-Cache-Control")
+    cfg = parse_config(with_route(cache_control_fields=[]), {})
+    assert cfg.routes[0].cache_control_fields == ()
 
 
 def test_redis_modes_from_the_environment() -> None:

@@ -205,6 +205,37 @@ async def test_route_stale_if_error_without_upstream_directive(make_proxy: MakeP
     assert (resp.status, await body_of(resp)) == (200, "saved")
 
 
+# -- RFC 9213 targeted cache control --------------------------------------------------------------
+
+async def test_targeted_fields_end_to_end(make_proxy: MakeProxy, stubctl: StubControl) -> None:
+    """The API team's "cache this 30 s here, let browsers keep it 0": the proxy obeys its own
+    field (and CDN-Cache-Control) ahead of Cache-Control, passes CDN-Cache-Control and
+    Cache-Control on, and never lets its own field out."""
+    proxy = await make_proxy(routes=[{**route()[0], "name": "strict", "match": "GET /p/strict",
+                                      "cache_control_fields": []}, *route()])
+    await stubctl.program("own", headers=[["JSONCache-Cache-Control", "max-age=30"],
+                                          ["Cache-Control", "no-store"]], body="own")
+    await stubctl.program("cdn", headers=[["CDN-Cache-Control", "max-age=30"],
+                                          ["Cache-Control", "max-age=0"]], body="cdn")
+    await stubctl.program("bad", headers=[["CDN-Cache-Control", "max-age=30,,"],
+                                          ["Cache-Control", "no-store"]], body="bad")
+    await stubctl.program("strict", headers=[["CDN-Cache-Control", "max-age=30"],
+                                               ["Cache-Control", "no-store"]], body="strict")
+    for name, cached in [("own", True), ("cdn", True), ("bad", False), ("strict", False)]:
+        for i in range(2):
+            resp = await proxy.get(f"/p/{name}")
+            assert resp.status == 200
+            await resp.read()
+            assert "JSONCache-Cache-Control" not in resp.headers
+            expected = ("HIT" if i == 1 else "MISS") if cached else "UNCACHEABLE"
+            assert resp.headers["X-Cache"] == expected, name
+    cdn = await proxy.get("/p/cdn")
+    assert (cdn.headers["Cache-Control"], cdn.headers["CDN-Cache-Control"]) == \
+        ("max-age=0", "max-age=30")
+    assert (await proxy.get("/p/own")).headers["Cache-Control"] == "no-store"
+    assert await stubctl.count("GET /p/{name}") == 6
+
+
 # -- request directives ---------------------------------------------------------------------------
 
 async def test_request_directives(proxy: TestClient[Any, Any], stubctl: StubControl) -> None:

@@ -352,3 +352,70 @@ def test_validators_and_304_merge() -> None:
     assert ("ETag", '"v1"') in merged
     assert policy.validator_matches(STORED, [("ETag", 'W/"v1"')])
     assert not policy.validator_matches(STORED, [("ETag", '"v2"')])
+
+
+# -- RFC 9213 targeted cache-control fields -------------------------------------------------------
+
+CDN = "CDN-Cache-Control"
+OWN = "JSONCache-Cache-Control"
+
+
+@pytest.mark.parametrize(("headers", "expected"), [
+    # §2.1: the targeted field wins over Cache-Control for this cache
+    ([(CDN, "max-age=30"), ("Cache-Control", "max-age=0")], (30, "max-age")),
+    ([(CDN, "s-maxage=30"), ("Cache-Control", "max-age=600")], (30, "s-maxage")),
+    ([(CDN, "max-age=30"), ("Cache-Control", "no-store")], (30, "max-age")),
+    # this proxy's own field comes first (the default list: own, then CDN)
+    ([(OWN, "max-age=5"), (CDN, "max-age=30"), ("Cache-Control", "max-age=600")],
+     (5, "max-age")),
+    # not a valid Structured Field Dictionary: ignored, the next field (or Cache-Control) counts
+    ([(CDN, "max-age=30,,"), ("Cache-Control", "max-age=600")], (600, "max-age")),
+    ([(CDN, 'max-age="30'), ("Cache-Control", "max-age=600")], (600, "max-age")),
+    ([(CDN, "Max-Age=30"), ("Cache-Control", "max-age=600")], (600, "max-age")),  # keys: lower
+    ([(OWN, "max-age=5;;"), (CDN, "max-age=30")], (30, "max-age")),
+    # a valid dictionary with an unusable argument: that directive is unusable (stale)
+    ([(CDN, "max-age=1.5"), ("Cache-Control", "max-age=600")], (0, "max-age")),
+    ([(CDN, "max-age=-1"), ("Cache-Control", "max-age=600")], (0, "max-age")),
+    ([(CDN, 'max-age="30"'), ("Cache-Control", "max-age=600")], (30, "max-age")),
+    # a targeted field without freshness: no Cache-Control fallback (it replaces it whole)
+    ([(CDN, "public"), ("Cache-Control", "max-age=600")], (0, "none")),
+    # parameters are allowed and ignored; list members may span lines
+    ([(CDN, "max-age=30;foo=1")], (30, "max-age")),
+    ([(CDN, "public"), (CDN, "max-age=30")], (30, "max-age")),
+])
+def test_targeted_fields_lifetime(headers: list[tuple[str, str]],
+                                  expected: tuple[float, str]) -> None:
+    assert lifetime(headers) == expected
+
+
+@pytest.mark.parametrize(("headers", "route", "expected"), [
+    ([(CDN, "no-store"), ("Cache-Control", "max-age=600")], HONOR, "no-store"),
+    ([(CDN, "no-store=?0, max-age=60"), ("Cache-Control", "no-store")], HONOR, "store"),
+    ([(CDN, "private"), ("Cache-Control", "max-age=600")], HONOR, "private"),
+    ([(CDN, "max-age=60"), ("Cache-Control", "private")], HONOR, "store"),
+    ([(OWN, "max-age=60"), ("Cache-Control", "no-store")], HONOR, "store"),
+    # a route that lists no targeted field obeys Cache-Control only
+    ([(CDN, "max-age=60"), ("Cache-Control", "no-store")],
+     replace(HONOR, cache_control_fields=()), "no-store"),
+    # ... or only the ones it lists, in its order
+    ([(OWN, "no-store"), (CDN, "max-age=60")],
+     replace(HONOR, cache_control_fields=(CDN, OWN)), "store"),
+])
+def test_targeted_fields_storable(headers: list[tuple[str, str]], route: RouteConfig,
+                                  expected: str) -> None:
+    assert verdict(headers, route=route) == expected
+
+
+@pytest.mark.parametrize(("headers", "swr", "sie", "no_cache", "forbid_stale"), [
+    ([(CDN, "max-age=1, stale-while-revalidate=30, stale-if-error=60")], 30, 60, False, False),
+    ([(CDN, "max-age=60, must-revalidate"), ("Cache-Control", "stale-if-error=60")],
+     0, 0, False, True),
+    ([(CDN, "no-cache, max-age=60")], 0, 0, True, False),
+])
+def test_targeted_fields_stale_and_revalidation(headers: list[tuple[str, str]], swr: float,
+                                                sie: float, no_cache: bool,
+                                                forbid_stale: bool) -> None:
+    f = policy.freshness(status=200, response_headers=headers, route=HONOR,
+                         default_ttl_s=300, response_time=NOW)
+    assert (f.stale_while_revalidate, f.stale_if_error, f.no_cache, f.forbid_stale) == \
+        (swr, sie, no_cache, forbid_stale)
