@@ -63,13 +63,17 @@ class Delivery:
         req = ctx.req
         headers: CIMultiDict[str]
         conditional = "If-None-Match" in req.headers or "If-Modified-Since" in req.headers
+        wanted = self._range(req, entry)
         if fields is None:  # stored fields are ready to send (see verdict.make_entry)
-            gz = bool(entry.encoded) and encoding.accepts_gzip(req.headers.get("Accept-Encoding"))
+            # A range is taken from the representation as the upstream sent it (not gzipped
+            # by the store).
+            gz = bool(entry.encoded) and wanted is None and \
+                encoding.accepts_gzip(req.headers.get("Accept-Encoding"))
             ready = entry.ready.get("gzip" if gz else "plain")
             if ready is None:
                 ready = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
             headers, body, block = ready
-            if block is not None and not conditional:
+            if block is not None and not conditional and wanted is None:
                 return self._ready(ctx, entry.status, block, body, age, status)
         else:
             headers = CIMultiDict((k, v) for k, v in fields
@@ -79,19 +83,48 @@ class Delivery:
                     headers.popall(name, None)
             body = entry.body
             if entry.encoded:
-                body = self._negotiate(entry, headers, encoding.accepts_gzip(
+                body = self._negotiate(entry, headers, wanted is None and encoding.accepts_gzip(
                     req.headers.get("Accept-Encoding")))
         if entry.status == 200 and conditional and \
                 policy.not_modified(list(req.headers.items()), entry.headers):
             keep: CIMultiDict[str] = CIMultiDict(
                 (k, v) for k, v in headers.items() if k.lower() in policy.NOT_MODIFIED_FIELDS)
             return self._answer(ctx, web.Response(status=304, headers=keep), age, status)
+        if wanted is not None:
+            return self._partial(ctx, wanted, headers, body, age, status)
         if req.method != "HEAD" and status.outcome in _FROM_CACHE:
             ctx.served_bytes = len(body)
         # The response copies the (prepared, shared) header section once; the fields of
         # this answer are added to its own copy.
         return self._answer(ctx, web.Response(status=entry.status, headers=headers, body=body),
                             age, status)
+
+    @staticmethod
+    def _range(req: web.BaseRequest, entry: Entry) -> policy.ByteRange | None:
+        """The one byte range a GET asks of a stored 200, when it applies (RFC 9110 §14)."""
+        value = req.headers.get("Range")
+        if value is None or req.method != "GET" or entry.status != 200 or \
+                not policy.if_range_allows(req.headers.get("If-Range"), entry.headers):
+            return None
+        spec = policy.parse_range(value)
+        return spec if isinstance(spec, tuple) else None
+
+    def _partial(self, ctx: Ctx, wanted: policy.ByteRange, headers: CIMultiDict[str],
+                 body: bytes, age: float, status: CacheStatus) -> web.Response:
+        """206 with the range, or 416 when the representation does not reach it."""
+        span = policy.satisfy(wanted, len(body))
+        out = CIMultiDict(headers)
+        if span is None:
+            for name in ("Content-Type", "Content-Encoding", "ETag", "Last-Modified"):
+                out.popall(name, None)
+            out["Content-Range"] = f"bytes */{len(body)}"
+            return self._answer(ctx, web.Response(status=416, headers=out), age, status)
+        first, last = span
+        out["Content-Range"] = f"bytes {first}-{last}/{len(body)}"
+        part = body[first:last + 1]
+        if status.outcome in _FROM_CACHE:
+            ctx.served_bytes = len(part)
+        return self._answer(ctx, web.Response(status=206, headers=out, body=part), age, status)
 
     def _answer(self, ctx: Ctx, resp: web.Response, age: float,
                 status: CacheStatus) -> web.Response:

@@ -18,8 +18,10 @@ from .metrics import Metrics
 from .outcome import CacheStatus
 from .upstream import Upstream, UpstreamResponse
 
+# Not forwarded with a fill: the cache fetches the whole representation and answers the
+# client's conditionals and Range itself.
 _CONDITIONAL = frozenset({"if-none-match", "if-modified-since", "if-match",
-                          "if-unmodified-since", "if-range"})
+                          "if-unmodified-since", "if-range", "range"})
 
 
 class Forwarder:

@@ -726,3 +726,67 @@ def validator_matches(stored: Headers, fresh: Headers) -> bool:
     if lm is not None:
         return lm == get_first(stored, "last-modified")
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Range requests (RFC 9110 §14), answered from a stored complete response (RFC 9111 §3.4 lets
+# a cache do so; it never stores a 206 itself).
+
+ByteRange = tuple[int | None, int | None]  # (first, last) or (None, suffix length)
+_RANGE_RE = re.compile(r"^(\d*)-(\d*)$")
+
+
+def parse_range(value: str | None) -> ByteRange | list[ByteRange] | None:
+    """A ``Range`` value: one byte range, several (a list), or None when it is not a valid
+    ``bytes`` ranges-specifier (then the field is ignored, §14.2)."""
+    if value is None:
+        return None
+    unit, sep, ranges = value.partition("=")
+    if not sep or unit.strip(" \t").lower() != "bytes":
+        return None
+    out: list[ByteRange] = []
+    for member in ranges.split(","):
+        m = _RANGE_RE.match(member.strip(" \t"))
+        if m is None:
+            return None
+        first, last = m.groups()
+        if first:
+            if last and int(last) < int(first):
+                return None
+            out.append((int(first), int(last) if last else None))
+        elif last:
+            out.append((None, int(last)))
+        else:
+            return None
+    if not out:
+        return None
+    return out[0] if len(out) == 1 else out
+
+
+def satisfy(spec: ByteRange, length: int) -> tuple[int, int] | None:
+    """The (first, last) bytes of a representation of ``length`` bytes that one range
+    selects, or None when it is unsatisfiable (§14.1.1: then 416)."""
+    first, last = spec
+    if first is None:  # the last ``last`` bytes
+        if not last or length == 0:
+            return None
+        return max(0, length - last), length - 1
+    if first >= length:
+        return None
+    return first, length - 1 if last is None else min(last, length - 1)
+
+
+def if_range_allows(if_range: str | None, stored: Headers) -> bool:
+    """§13.1.5: whether the Range applies: no If-Range, or it names the stored
+    representation (an ETag compared strongly, or exactly its Last-Modified date)."""
+    if if_range is None:
+        return True
+    value = if_range.strip(" \t")
+    if value.startswith(('"', "W/")):
+        etag = get_first(stored, "etag")
+        return etag is not None and not value.startswith("W/") and \
+            not etag.startswith("W/") and etag.strip() == value
+    lm = get_first(stored, "last-modified")
+    when = parse_http_date(value)
+    return when is not None and lm is not None and parse_http_date(lm) == when
+

@@ -427,21 +427,106 @@ async def test_interim_responses_pass_through(make_proxy: MakeProxy,
         await server.wait_closed()
 
 
-async def test_range_and_206_pass_through(proxy: TestClient[Any, Any],
-                                          stubctl: StubControl,
-                                          redis_server: RedisServer) -> None:
+KEPT_FIELDS = [  # end-to-end fields a cache stores and delivers as the upstream sent them
+    ["Content-Type", "application/json; charset=utf-8"], ["Content-Language", "en, de"],
+    ["Content-Location", "/p/fields/v1"], ["Content-Disposition", 'inline; filename="a.json"'],
+    ["ETag", '"abc"'], ["Last-Modified", "Sun, 06 Nov 1994 08:49:37 GMT"],
+    ["Link", '</next>; rel="next"'], ["X-Frame-Options", "DENY"],
+    ["Strict-Transport-Security", "max-age=31536000"],
+    ["Access-Control-Allow-Origin", "*"], ["Content-Security-Policy", "default-src 'none'"],
+    ["X-Custom", "one"], ["X-Custom", "two"], ["Cache-Control", "max-age=600"],
+]
+
+
+async def test_stored_fields_are_delivered_as_sent(proxy: TestClient[Any, Any],
+                                                   stubctl: StubControl) -> None:
+    """RFC 9111 §3.1: a cache stores the header section as received (less hop-by-hop
+    fields); Content-Length is the upstream's own on a hit too."""
+    await stubctl.program("fields", headers=[*KEPT_FIELDS, ["Connection", "X-Hop"],
+                                             ["X-Hop", "gone"], ["Keep-Alive", "timeout=5"]],
+                          body='{"a": 1}')
+    for expected in ("MISS", "HIT"):
+        resp = await proxy.get("/p/fields")
+        assert resp.headers["X-Cache"] == expected
+        assert await resp.read() == b'{"a": 1}'
+        assert resp.headers["Content-Length"] == "8"
+        for name in {n for n, _ in KEPT_FIELDS}:
+            sent = [v for n, v in KEPT_FIELDS if n == name]
+            assert resp.headers.getall(name) == sent, (expected, name)
+        assert "X-Hop" not in resp.headers and "Keep-Alive" not in resp.headers
+
+
+async def test_several_ranges_and_206_pass_through(proxy: TestClient[Any, Any],
+                                                   stubctl: StubControl) -> None:
+    """Several ranges would need multipart/byteranges: the upstream answers them, and its
+    206 is never stored (RFC 9111 §3.4: no combining here)."""
     await stubctl.program("part", status=206, headers=[["Cache-Control", "max-age=600"],
                                                        ["Content-Range", "bytes 0-1/10"]],
                           body="01")
     for _ in range(2):
-        resp = await proxy.get("/p/part", headers={"Range": "bytes=0-1"})
+        resp = await proxy.get("/p/part", headers={"Range": "bytes=0-1, 4-5"})
         assert resp.status == 206
         assert resp.headers["Content-Range"] == "bytes 0-1/10"
         assert resp.headers["X-Cache"] == "PASS"
     [got, _] = await stubctl.received("part")
-    assert ["Range", "bytes=0-1"] in got["headers"]
+    assert ["Range", "bytes=0-1, 4-5"] in got["headers"]
     no_range = await proxy.get("/p/part")
     assert no_range.headers["X-Cache"] == "UNCACHEABLE"  # a 206 is never stored
+
+
+RANGES = [  # (Range, If-Range, status, body, Content-Range)  RFC 9110 §14, §13.1.5
+    ("bytes=2-4", None, 206, "234", "bytes 2-4/10"),
+    ("bytes=7-", None, 206, "789", "bytes 7-9/10"),
+    ("bytes=-3", None, 206, "789", "bytes 7-9/10"),
+    ("bytes=-30", None, 206, "0123456789", "bytes 0-9/10"),
+    ("bytes=8-30", None, 206, "89", "bytes 8-9/10"),
+    ("BYTES = 0-0", None, 206, "0", "bytes 0-0/10"),
+    ("bytes=10-", None, 416, "", "bytes */10"),  # unsatisfiable
+    ("bytes=-0", None, 416, "", "bytes */10"),
+    ("bytes=5-2", None, 200, "0123456789", None),  # invalid: ignored
+    ("pages=1-2", None, 200, "0123456789", None),
+    ("bytes=0-0", '"v1"', 206, "0", "bytes 0-0/10"),  # If-Range: the stored ETag
+    ("bytes=0-0", '"v0"', 200, "0123456789", None),  # another one: the whole
+    ("bytes=0-0", 'W/"v1"', 200, "0123456789", None),  # weak: never matches
+    ("bytes=0-0", "Sun, 06 Nov 1994 08:49:37 GMT", 206, "0", "bytes 0-0/10"),
+    ("bytes=0-0", "Mon, 07 Nov 1994 08:49:37 GMT", 200, "0123456789", None),
+]
+
+
+async def test_a_range_is_answered_from_the_stored_response(proxy: TestClient[Any, Any],
+                                                            stubctl: StubControl) -> None:
+    await stubctl.program("whole", headers=[["Cache-Control", "max-age=600"],
+                                            ["ETag", '"v1"'],
+                                            ["Last-Modified", "Sun, 06 Nov 1994 08:49:37 GMT"]],
+                          body="0123456789")
+    first = await proxy.get("/p/whole", headers={"Range": "bytes=2-4"})
+    assert (first.status, await body_of(first)) == (206, "234")
+    assert first.headers["X-Cache"] == "MISS"
+    [got] = await stubctl.received("whole")  # the fill fetched the whole representation
+    assert not any(k.lower() == "range" for k, _ in got["headers"])
+    for rng, if_range, code, body, content_range in RANGES:
+        headers = {"Range": rng, **({"If-Range": if_range} if if_range else {})}
+        resp = await proxy.get("/p/whole", headers=headers)
+        assert (resp.status, await body_of(resp)) == (code, body), (rng, if_range)
+        assert resp.headers.get("Content-Range") == content_range, (rng, if_range)
+        assert resp.headers["X-Cache"] == "HIT"
+    head = await proxy.head("/p/whole", headers={"Range": "bytes=0-1"})
+    assert head.status == 200
+    assert await stubctl.count("GET /p/{name}") == 1
+
+
+async def test_a_range_of_a_gzip_stored_body_is_taken_from_the_identity(
+        proxy: TestClient[Any, Any], stubctl: StubControl) -> None:
+    text = "".join(f"{i:04d}," for i in range(400))  # 2,000 bytes: stored gzipped
+    await stubctl.program("big", headers=[["Cache-Control", "max-age=600"],
+                                          ["Content-Type", "application/json"]], body=text)
+    await (await proxy.get("/p/big")).read()
+    resp = await proxy.get("/p/big", headers={"Range": "bytes=5-14",
+                                              "Accept-Encoding": "gzip"})
+    assert resp.status == 206
+    assert "Content-Encoding" not in resp.headers
+    assert await resp.read() == text[5:15].encode()
+    assert resp.headers["Content-Range"] == f"bytes 5-14/{len(text)}"
 
 
 async def test_any_method_with_a_body_passes_through(proxy: TestClient[Any, Any],

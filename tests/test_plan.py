@@ -44,7 +44,7 @@ def read(url: str, headers: dict[str, str] | None = None, *, body: bool = False,
 @pytest.mark.parametrize(("url", "headers", "body", "expected"), [
     ("/nowhere", {}, False, "no-route"),
     ("/summary", {}, False, "no-credential"),  # user scope, no credential: never cached
-    ("/summary", {"Authorization": ALICE, "Range": "bytes=0-1"}, False, "range"),
+    ("/summary", {"Authorization": ALICE, "Range": "bytes=0-1, 4-5"}, False, "range"),
     ("/summary", {"Authorization": ALICE}, True, "request-body"),
     ("/summary", {"Authorization": ALICE, "Cache-Control": "no-store"}, False,
      "request-no-store"),

@@ -419,3 +419,44 @@ def test_targeted_fields_stale_and_revalidation(headers: list[tuple[str, str]], 
                          default_ttl_s=300, response_time=NOW)
     assert (f.stale_while_revalidate, f.stale_if_error, f.no_cache, f.forbid_stale) == \
         (swr, sie, no_cache, forbid_stale)
+
+
+# -- RFC 9110 §14 ranges, §13.1.5 If-Range ----------------------------------------------
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("bytes=0-499", (0, 499)), ("bytes=500-", (500, None)), ("bytes=-500", (None, 500)),
+    ("Bytes=0-0", (0, 0)), ("bytes= 1-2 ", (1, 2)),
+    ("bytes=0-1, 5-6", [(0, 1), (5, 6)]), ("bytes=0-1,-2", [(0, 1), (None, 2)]),
+    ("bytes=5-2", None), ("bytes=-", None), ("bytes=", None), ("bytes=a-b", None),
+    ("bytes=0-1,,2-3", None), ("items=0-1", None), ("bytes 0-1", None), (None, None),
+])
+def test_parse_range(value: str | None, expected: Any) -> None:  # §14.1.1, §14.2
+    assert policy.parse_range(value) == expected
+
+
+@pytest.mark.parametrize(("spec", "length", "expected"), [
+    ((0, 499), 1000, (0, 499)), ((500, None), 1000, (500, 999)), ((None, 500), 1000, (500, 999)),
+    ((None, 5000), 1000, (0, 999)), ((0, 5000), 1000, (0, 999)),  # clipped to the length
+    ((1000, None), 1000, None), ((None, 0), 1000, None),  # unsatisfiable: 416
+    ((0, 0), 0, None), ((None, 1), 0, None),  # an empty representation has no bytes
+])
+def test_satisfy(spec: Any, length: int, expected: Any) -> None:  # §14.1.1
+    assert policy.satisfy(spec, length) == expected
+
+
+LM = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+@pytest.mark.parametrize(("if_range", "stored", "expected"), [
+    (None, [], True),
+    ('"v1"', [("ETag", '"v1"')], True),
+    ('"v2"', [("ETag", '"v1"')], False),
+    ('W/"v1"', [("ETag", 'W/"v1"')], False),  # strong comparison only
+    ('"v1"', [("ETag", 'W/"v1"')], False),
+    ('"v1"', [], False),
+    (LM, [("Last-Modified", LM)], True),
+    (LM, [("Last-Modified", "Mon, 07 Nov 1994 08:49:37 GMT")], False),
+    ("not a date", [("Last-Modified", LM)], False),
+])
+def test_if_range(if_range: str | None, stored: list[tuple[str, str]], expected: bool) -> None:
+    assert policy.if_range_allows(if_range, stored) is expected
