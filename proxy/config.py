@@ -63,6 +63,10 @@ class UpstreamConfig:
     connect_timeout_s: float = 2.0
     max_connections: int = 100
     queue_timeout_s: float = 5.0  # waiting for a free upstream connection; then 503
+    # An idle upstream connection is closed after this long, before the upstream closes it
+    # itself (node and uvicorn after 5 s, Apache after 5 s): a request sent on a connection
+    # the upstream is closing at that moment fails, and a write is never sent twice.
+    keepalive_s: float = 4.0
 
 
 RedisMode = Literal["single", "cluster", "sentinel"]
@@ -513,6 +517,7 @@ def _upstream(r: _Reader) -> UpstreamConfig:
         connect_timeout_s=r.number("connect_timeout_s", d.connect_timeout_s, 0, exclusive_lo=True),
         max_connections=r.integer("max_connections", d.max_connections, 1),
         queue_timeout_s=r.number("queue_timeout_s", d.queue_timeout_s, 0, exclusive_lo=True),
+        keepalive_s=r.number("keepalive_s", d.keepalive_s, 0, exclusive_lo=True),
     )
     r.done()
     return out

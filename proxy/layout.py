@@ -39,7 +39,9 @@ class Shard:
 
     @property
     def marker(self) -> str:
-        return self.prefix + "m"
+        # "M", a hash of bucket bounds (the string marker "m" of earlier versions is left
+        # to expire: a new key name, so an upgrade never meets the old type)
+        return self.prefix + "M"
 
     @property
     def channel(self) -> str:

@@ -8,8 +8,12 @@ tag, so one Redis Cluster slot), atomically; ``store`` owns the key schema they 
     S g:<tag>      tag generation "<last purge µs>:<last hard purge µs>"
     S t:<tag>      tag index: entry ids scored by their expiry (ms); for deleting, counting,
                    listing, never for deciding what may be served
-    S m            shard marker: an upper bound of every purge time in the shard that a
-                   missing generation key may have held (µs); made by the first lookup
+    S M            shard marker, a hash: for each of 1024 buckets of tags (by the SHA-1 of
+                   the tag), an upper bound of every purge time (µs) a missing generation
+                   key of a tag in that bucket may have held; "*" the bound of buckets not
+                   purged since the marker was made (by the first lookup), "#" the last purge
+                   stamp. Buckets keep a write's purge from refusing unrelated fills: only
+                   fills of tags in the purged tags' buckets that have no generation key yet
     S l:<id>       coalescing lock
     S c            the shard's channel: "f <id>" a fill finished; "i <tags>" / "s <tags>"
                    tags purged / soft-purged; "*" everything flushed
@@ -33,12 +37,22 @@ Numbers above 2^31 are formatted with "%d": Lua's default conversion keeps 14 di
 #   none of these: corrupt)
 # allow-oom: a lookup answers even when Redis is out of memory; its only writes (a missing
 # marker, a lock) are a few bytes.
-LOOKUP = """#!lua flags=allow-oom
+# The bound a missing generation key of ``tag`` stands for (see "S M"), or nil when the
+# marker is gone.
+_BOUND = """
+local function bound(mk, tag)
+  local b = tostring(tonumber(string.sub(redis.sha1hex(tag), 1, 6), 16) % 1024)
+  local v = redis.call('HMGET', mk, b, '*')
+  return tonumber(v[1] or v[2])
+end
+"""
+
+LOOKUP = "#!lua flags=allow-oom\n" + _BOUND + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local marker = redis.call('GET', KEYS[2])
-if not marker then
-  redis.call('SET', KEYS[2], string.format('%d', now - 1), 'PX', ARGV[4])
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], '*', string.format('%d', now - 1))
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 local f = redis.pcall('HGETALL', KEYS[1])
 if f['err'] then
@@ -67,7 +81,7 @@ elseif h['m'] and h['b'] and h['g'] then
       if tonumber(last) > g and (soft == 0 or tonumber(last) < soft) then
         soft = tonumber(last)
       end
-    elseif not marker or tonumber(marker) > g then
+    elseif bound(KEYS[2], tag) > g then
       kind = 'n'
       break
     end
@@ -106,25 +120,26 @@ end
 # Returns 1 when stored, 0 when a tag was purged (or the marker lost) since the lookup.
 # The shebang (no allow-oom) makes Redis refuse the whole script up front when memory is
 # full (maxmemory with noeviction): the lock then expires by itself.
-SAVE = "#!lua\n" + _FINISH + """
+SAVE = "#!lua\n" + _FINISH + _BOUND + """
 local p = ARGV[1]
-local marker = redis.call('GET', KEYS[3])
-if not marker then
+if redis.call('EXISTS', KEYS[3]) == 0 then
   return finish(0)
 end
-marker = tonumber(marker)
 local epoch = tonumber(ARGV[10])
-local gens, have = {}, {}
+local gens, have, lasts = {}, {}, {}
 for i = 13, #ARGV do
   local cur = redis.call('GET', p .. 'g:' .. ARGV[i])
-  local last = marker
+  local last
   if cur then
     last = tonumber(string.match(cur, '^(%d+)'))
+  else
+    last = bound(KEYS[3], ARGV[i])
   end
   if last >= epoch then
     return finish(0)
   end
   have[i] = cur
+  lasts[i] = last
   gens[#gens + 1] = string.format('%d %s\\n', last, ARGV[i])
 end
 local t = redis.call('TIME')
@@ -149,7 +164,7 @@ end
 for i = 13, #ARGV do
   local gk = p .. 'g:' .. ARGV[i]
   if not have[i] then
-    redis.call('SET', gk, string.format('%d:%d', marker, marker), 'PX', ttl)
+    redis.call('SET', gk, string.format('%d:%d', lasts[i], lasts[i]), 'PX', ttl)
   elseif redis.call('PTTL', gk) < ttl then
     redis.call('PEXPIRE', gk, ttl)
   end
@@ -194,8 +209,8 @@ return finish(1)
 """
 
 # Purges tags in one shard. The first call moves each existing tag generation (and the
-# shard marker) to now, which alone makes every entry carrying one of the tags unusable,
-# and announces the purge on the shard's channel; then the tag indexes are walked to delete
+# shard marker's buckets of the tags) to now, which alone makes every entry carrying one of
+# the tags unusable, and announces the purge on the shard's channel; then the tag indexes are walked to delete
 # the entries (or, soft, mark them), bounded to ``batch`` entries per call so that Redis is
 # never blocked for long: the caller calls again with what is left.
 # allow-oom: purges must work, and delete, when memory is full; overwriting a generation
@@ -212,14 +227,20 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[8] == '1' then
   local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local m = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local m = tonumber(redis.call('HGET', KEYS[1], '#') or '0')
   if now <= m then
     now = m + 1
   end
   local stamp = string.format('%d', now)
-  redis.call('SET', KEYS[1], stamp, 'PX', ARGV[5])
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('HSET', KEYS[1], '*', stamp)  -- lost: any generation may have been purged
+  end
+  redis.call('HSET', KEYS[1], '#', stamp)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
   local tags = {}
   for i = 9, #ARGV do
+    local b = tostring(tonumber(string.sub(redis.sha1hex(ARGV[i]), 1, 6), 16) % 1024)
+    redis.call('HSET', KEYS[1], b, stamp)
     local gk = p .. 'g:' .. ARGV[i]
     local cur = redis.call('GET', gk)
     if cur then

@@ -147,7 +147,8 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self.cfg.max_connections, limit_per_host=0,
-                                         enable_cleanup_closed=False, ttl_dns_cache=60)
+                                         enable_cleanup_closed=False, ttl_dns_cache=60,
+                                         keepalive_timeout=self.cfg.keepalive_s)
         self._session = aiohttp.ClientSession(
             connector=connector,
             # Bodies pass through byte for byte, compressed or not.
@@ -158,10 +159,11 @@ class Upstream:
             cookie_jar=aiohttp.DummyCookieJar(),
             raise_for_status=False,
             response_class=_ClientResponse,
+            trace_configs=[_REUSE],
         )
-        # aiohttp retries an idempotent request once on a reused connection that turns out to
-        # be closed (aio-libs/aiohttp#10790). The proxy's request body is a one-shot stream,
-        # and the client, not the proxy, decides on retries: never retry.
+        # aiohttp retries any idempotent request (PUT and DELETE too) once when its
+        # connection breaks (aio-libs/aiohttp#10790). Writes must reach the upstream exactly
+        # once, so that is off; ``send`` retries only what RFC 9112 §9.3.1 allows.
         self._session._retry_connection = False
 
     async def close(self) -> None:
@@ -199,10 +201,7 @@ class Upstream:
         request_time = time.time()
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
-                resp = await self._session.request(
-                    method, URL(url, encoded=True), headers=headers, data=body,
-                    allow_redirects=False, compress=None, chunked=None,
-                )
+                resp = await self._request(method, URL(url, encoded=True), headers, body)
         except BaseException as e:
             self._slots.release()
             if isinstance(e, asyncio.CancelledError):
@@ -211,6 +210,46 @@ class Upstream:
         headers_out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
         return UpstreamResponse(resp.status, resp.reason or "", headers_out, request_time,
                                 time.time(), resp, self._slots.release)
+
+
+    async def _request(self, method: str, url: URL, headers: Headers,
+                       body: AsyncIterable[bytes] | bytes | None) -> aiohttp.ClientResponse:
+        """One request; a safe one without a body is sent again, once, when it failed on a
+        kept-alive connection before any response arrived: the upstream may have closed that
+        connection as idle just as it was reused (RFC 9112 §9.3.1; node's http server does
+        so after 5 s). A request on a new connection, and every write, is sent once."""
+        assert self._session is not None
+        for last in (False, True):
+            attempt = _Attempt()
+            try:
+                return await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False,
+                    compress=None, chunked=None, trace_request_ctx=attempt)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                if last or not attempt.reused or body is not None or \
+                        method not in ("GET", "HEAD") or \
+                        isinstance(e, aiohttp.ClientConnectorError):
+                    raise
+        raise AssertionError("unreachable")
+
+
+class _Attempt:
+    """Per request attempt (aiohttp's trace context): whether its connection was reused."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+
+async def _on_reuse(session: aiohttp.ClientSession, ctx: Any,
+                    params: aiohttp.TraceConnectionReuseconnParams) -> None:
+    if isinstance(ctx.trace_request_ctx, _Attempt):
+        ctx.trace_request_ctx.reused = True
+
+
+_REUSE = aiohttp.TraceConfig()
+_REUSE.on_connection_reuseconn.append(_on_reuse)
 
 
 def _translate(e: BaseException) -> UpstreamError:

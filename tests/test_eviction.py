@@ -126,7 +126,7 @@ KINDS = {
     "entries": "{jcache:*}:e:*",
     "generations": "{jcache:*}:g:*",
     "indexes": "{jcache:*}:t:*",
-    "markers": "{jcache:*}:m",
+    "markers": "{jcache:*}:M",
     "locks": "{jcache:*}:l:*",
     "counters": "{jcache}:*",
     "everything": "{jcache*",

@@ -205,6 +205,29 @@ async def test_fill_racing_a_write_is_not_stored(proxy: TestClient[Any, Any],
     assert fresh.headers["X-Cache"] == "MISS"
 
 
+async def test_writes_do_not_refuse_unrelated_fills(proxy: TestClient[Any, Any],
+                                                    stubctl: StubControl) -> None:
+    """Fills in flight while writes purge other URLs are stored: a purge moves only its own
+    tags' generations and its tags' buckets of the shard marker (a new URL's tags have no
+    generation yet), so the writes of other users do not turn concurrent misses into
+    misses again."""
+    names = [f"quiet{i}" for i in range(8)]
+    for name in names:
+        await stubctl.program(name, headers=[["Cache-Control", "max-age=600"]], body=name,
+                              delay_ms=300)
+    await stubctl.program("busy", status=204)
+    fills = [asyncio.ensure_future(proxy.get(f"/p/{name}")) for name in names]
+    for name in names:
+        await stubctl.arrival(name)  # every fill is at the upstream; now the writes
+    for i in range(20):
+        assert (await proxy.put(f"/p/busy?n={i}", data=b"x")).status == 204
+    for resp in await asyncio.gather(*fills):
+        assert resp.headers["X-Cache"] == "MISS"
+        assert resp.headers["Cache-Status"].endswith("; stored"), resp.headers["Cache-Status"]
+    for name in names:
+        assert (await proxy.get(f"/p/{name}")).headers["X-Cache"] == "HIT"
+
+
 async def _read_your_write_with_fault(proxy: TestClient[Any, Any], fault: Any,
                                       recover: Any) -> None:
     await warm(proxy, ALICE_S1, ALICE)
