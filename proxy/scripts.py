@@ -210,9 +210,9 @@ return finish(1)
 
 # Purges tags in one shard. The first call moves each existing tag generation (and the
 # shard marker's buckets of the tags) to now, which alone makes every entry carrying one of
-# the tags unusable, and announces the purge on the shard's channel; then the tag indexes are walked to delete
-# the entries (or, soft, mark them), bounded to ``batch`` entries per call so that Redis is
-# never blocked for long: the caller calls again with what is left.
+# the tags unusable, and announces the purge on the shard's channel; then the tag indexes are
+# walked to delete the entries (or, soft, mark them), bounded to ``batch`` entries per call so
+# that Redis is never blocked for long: the caller calls again with what is left.
 # allow-oom: purges must work, and delete, when memory is full; overwriting a generation
 # with a number of the same length does not grow it.
 # KEYS: [1] shard marker
