@@ -275,6 +275,12 @@ class Store:
                 if finished < len(wanted):
                     nxt[i] = (finished, int(offset), False)
             state = nxt
+        # Redis writes a purge's reply and the announcements to every instance's feed in one
+        # pass, the reply possibly first: a reply to a command sent after that reply came
+        # proves the pass is over, so every feed on this host has the announcement before
+        # the write is acknowledged (README, "The L1").
+        await self.conn.run("purge", lambda: self.data.client(node).call("PING"), node=node,
+                            force=force)
         return total
 
 
