@@ -180,6 +180,21 @@ async def test_a_cut_connection_with_nothing_stored_is_a_502(proxy: TestClient[A
     assert await stubctl.count("GET /p/{name}") == 1  # reached once, never retried
 
 
+async def test_on_a_kept_alive_connection_a_read_is_resent_once_a_write_never(
+        proxy: TestClient[Any, Any], stubctl: StubControl) -> None:
+    """RFC 9112 §9.3.1: a connection the upstream closes just as it is reused says nothing
+    about the request: a GET is sent once more on a new connection; a PUT never is."""
+    await stubctl.program("warm", body="ok")
+    await stubctl.program("gone", cut_before_response="close")
+    assert (await proxy.get("/p/warm")).status == 200  # leaves a kept-alive connection
+    assert (await proxy.get("/p/gone")).status == 502
+    assert await stubctl.count("GET /p/{name}") == 3  # warm, and gone twice
+    assert (await proxy.get("/p/warm")).status == 200
+    put = await proxy.put("/p/gone", data=b"once")
+    assert put.status == 502
+    assert len(await stubctl.received("gone")) == 3  # two GETs, one PUT
+
+
 @pytest.mark.parametrize("directive", ["must-revalidate", "proxy-revalidate", "s-maxage=10"])
 async def test_directives_that_forbid_serving_stale(proxy: TestClient[Any, Any],
                                                     stubctl: StubControl,
