@@ -11,7 +11,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import redis.exceptions as rex
 from redis.asyncio.connection import SSLConnection, parse_url
 
 from .breaker import Breaker, State
@@ -122,15 +121,14 @@ class RedisConn:
         try:
             async with asyncio.timeout(limit):
                 result = await fn()
-        except (rex.ResponseError, RespError) as e:
+        except RespError as e:
             if str(e).startswith("WRONGTYPE"):
                 breaker.success()
                 self.observe(op, time.perf_counter() - started, "wrongtype")
                 raise EntryCorrupt("wrong type") from None
-            oom = isinstance(e, rex.OutOfMemoryError) or str(e).startswith("OOM")
-            kind = "oom" if oom else "response"
-        except (TimeoutError, rex.RedisError, OSError) as e:
-            kind = _kind(e)
+            kind = "oom" if str(e).startswith("OOM") else "response"
+        except OSError as e:  # the lean connection's: ConnectionError, TimeoutError, ...
+            kind = "timeout" if isinstance(e, TimeoutError) else "connection"
             if kind == "timeout" and loop.time() - deadline > limit / 2:
                 # The timer fired long after its time: this process was starved (a burst,
                 # a busy CPU), not Redis slow. Counted, but it does not trip the breaker.
@@ -152,7 +150,7 @@ class RedisConn:
             return
         if kind == "connection" and self.cfg.mode != "single":
             self._refresh_topology()  # a failover or a lost primary: ask where things are now
-        if trips and kind not in ("pool", "local-slow"):  # says nothing about Redis
+        if trips and kind != "local-slow":  # says nothing about Redis
             was_open = breaker.state is State.OPEN
             breaker.failure(self._clock())
             if breaker.state is State.OPEN and not was_open:
@@ -171,16 +169,6 @@ class RedisConn:
 
 def _name(node: Node | None) -> str | None:
     return None if node is None else (node.path or f"{node.host}:{node.port}")
-
-
-def _kind(e: BaseException) -> str:
-    if isinstance(e, TimeoutError | rex.TimeoutError):
-        return "timeout"
-    if isinstance(e, rex.ConnectionError):
-        return "pool" if "No connection available" in str(e) else "connection"
-    if isinstance(e, OSError):  # the lean connection's (ConnectionError is one)
-        return "connection"
-    return "error"
 
 
 def node_of(url: str) -> Node:
