@@ -83,10 +83,7 @@ def create_app(config: Config, metrics: Metrics | None = None) -> web.Applicatio
         after losing a connection, which is what a failover looks like."""
         if config.redis.mode != "single":
             await conn.topology.refresh()
-        by_node: dict[Node, list[Shard]] = {n: [] for n in conn.primaries}
-        for shard in layout.shards:
-            by_node.setdefault(conn.node_for(shard.channel), []).append(shard)
-        return [(node, shards) for node, shards in by_node.items() if shards]
+        return list(conn.by_node(layout.shards).items())
 
     feed = Feed(topology, sharded=lambda: store.publish == "SPUBLISH",
                 connect_timeout_s=config.redis.connect_timeout_ms / 1000,

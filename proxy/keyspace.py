@@ -75,11 +75,9 @@ class Keyspace:
                 return deleted
 
     async def _announce_flush(self) -> None:
-        by_node: dict[Node, list[Sequence[Any]]] = {}
-        for s in self.layout.shards:
-            by_node.setdefault(self.conn.node_for(s.channel), []).append(
-                (self.store.publish, s.channel, "*"))
-        await asyncio.gather(*(self._on("flush", n, *cmds) for n, cmds in by_node.items()))
+        await asyncio.gather(*(
+            self._on("flush", n, *((self.store.publish, s.channel, "*") for s in shards))
+            for n, shards in self.conn.by_node(self.layout.shards).items()))
 
     async def push_stats(self, deltas: dict[str, int], instance: str) -> None:
         """Add this instance's counter increments to the shared totals; heartbeat."""
@@ -129,9 +127,6 @@ class Keyspace:
     async def _counts(self, tag: str) -> list[int]:
         """Live entries under ``tag`` in each shard (the index scores entries by expiry)."""
         now_ms = await self._now_ms()
-        by_node: dict[Node, list[Shard]] = {}
-        for s in self.layout.shards:
-            by_node.setdefault(self.conn.node_for(s.marker), []).append(s)
         found: dict[int, int] = {}
 
         async def count(node: Node, shards: list[Shard]) -> None:
@@ -139,7 +134,8 @@ class Keyspace:
                 ("ZCOUNT", s.index_key(tag), now_ms, "+inf") for s in shards))
             found.update({s.index: int(n) for s, n in zip(shards, replies, strict=True)})
 
-        await asyncio.gather(*(count(n, ss) for n, ss in by_node.items()))
+        await asyncio.gather(*(count(n, ss)
+                               for n, ss in self.conn.by_node(self.layout.shards).items()))
         return [found[s.index] for s in self.layout.shards]
 
     async def count_tagged(self, tags: Sequence[str]) -> list[int]:

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio.connection import SSLConnection, parse_url
@@ -17,6 +17,7 @@ from .breaker import Breaker, State
 from .config import RedisConfig
 from .errors import EntryCorrupt, StoreUnavailable
 from .feed import Node
+from .layout import Shard
 from .log import get as get_logger
 from .resp import RespError
 from .router import Router
@@ -95,6 +96,13 @@ class RedisConn:
 
     def node_for(self, key: str) -> Node:
         return self.topology.node_for(key)
+
+    def by_node(self, shards: Iterable[Shard]) -> dict[Node, list[Shard]]:
+        """``shards`` grouped by the primary serving each (a shard is one slot)."""
+        out: dict[Node, list[Shard]] = {}
+        for shard in shards:
+            out.setdefault(self.node_for(shard.marker), []).append(shard)
+        return out
 
     async def ping(self) -> float:
         """The slowest primary's PING round trip (seconds); raises when one fails."""

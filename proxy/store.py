@@ -231,9 +231,7 @@ class Store:
         wanted = list(dict.fromkeys(tags))
         if not wanted:
             return 0
-        by_node: dict[Node, list[Shard]] = {}
-        for shard in self.layout.shards:
-            by_node.setdefault(self.conn.node_for(shard.marker), []).append(shard)
+        by_node = self.conn.by_node(self.layout.shards)
         batch = max(16, PURGE_BATCH // len(self.layout.shards))
         counts = await asyncio.gather(
             *(self._purge_on(node, shards, wanted, soft, force, batch)
