@@ -9,9 +9,7 @@ is stopped by its pid when it exits.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.devstack import DEV_ADMIN_TOKEN, port_free  # noqa: E402
+from scripts.devstack import DEV_ADMIN_TOKEN, port_free, supervise  # noqa: E402
 from tests.procs import RedisCluster, server_binary, start_python, stop  # noqa: E402
 
 
@@ -77,15 +75,7 @@ def main() -> int:
         if env["CACHE_ADMIN_TOKEN"] == DEV_ADMIN_TOKEN:
             print(f"  Admin token (development only): {DEV_ADMIN_TOKEN}; "
                   f"dashboard: {urls[0]}/cache/dashboard")
-        print("Ctrl-C stops everything.")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        while True:
-            for p in started:
-                if p.poll() is not None:
-                    print(f"process {p.pid} exited with {p.returncode}", file=sys.stderr)
-                    return 1
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                started[-1].wait(timeout=1)
+        return supervise(started)
     except KeyboardInterrupt:
         print("\nstopping ...")
         return 0

@@ -53,6 +53,20 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+def supervise(started: list[subprocess.Popen[bytes]]) -> int:
+    """Until Ctrl-C or SIGTERM (KeyboardInterrupt, for the caller to stop everything), or
+    until one of ``started`` exits (1)."""
+    print("Ctrl-C stops everything.")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    while True:
+        for p in started:
+            if p.poll() is not None:
+                print(f"process {p.pid} exited with {p.returncode}", file=sys.stderr)
+                return 1
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            started[-1].wait(timeout=1)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("PROXY_PORT", 8080)))
@@ -117,15 +131,7 @@ def main() -> int:
         print(f"  curl -H 'Authorization: Bearer {shown}' {proxy_url}/cache/stats")
         print(f"  curl -X DELETE -H 'Authorization: Bearer {shown}' "
               f"{proxy_url}/cache/session/alice-s1\n")
-        print("Ctrl-C stops everything.")
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-        while True:
-            for p in started:
-                if p.poll() is not None:
-                    print(f"process {p.pid} exited with {p.returncode}", file=sys.stderr)
-                    return 1
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                started[-1].wait(timeout=1)
+        return supervise(started)
     except KeyboardInterrupt:
         print("\nstopping ...")
         return 0
