@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import create_app
 
 from .conftest import ALICE, AS_PURGER, AS_SUPERUSER, BOB, StubControl, base_config, make_config
-from .procs import RedisCluster, command
+from .procs import RedisCluster, command, poll
 
 ENTRY_KEYS = "{jcache:*}:e:*"
 PAGES = [f"/transactions?session_id=alice-s1&page_size=1&page={n}" for n in range(1, 301)]
@@ -244,7 +244,6 @@ async def _write_then_fail_over(proxy: TestClient[Any, Any], cluster: RedisClust
     [replica] = cluster.replicas_of(0)
     held = set(cluster.keys(lost, ENTRY_KEYS))
     assert held
-    from .procs import poll
     poll(lambda: held <= set(cluster.keys(replica, ENTRY_KEYS)), "the replica has the entries")
     page = await (await proxy.get(PAGES[0], headers=ALICE)).json()
     txn = page["items"][0]

@@ -107,12 +107,24 @@ def test_stub_cli_help() -> None:
 
 # -- make run (scripts/devstack.py) -------------------------------------------------------------
 
-def _devstack(redis_server: RedisServer, env: dict[str, str]) -> subprocess.Popen[str]:
+def _devstack(env: dict[str, str], *, proxy_port: int | None = None,
+              stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
+    """``make run``'s script with ``env`` as its whole environment, on free ports."""
     return subprocess.Popen(
-        [sys.executable, "scripts/devstack.py", "--proxy-port", str(free_port()),
+        [sys.executable, "scripts/devstack.py", "--proxy-port", str(proxy_port or free_port()),
          "--stub-port", str(free_port()), "--latency-scale", "0"],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "REDIS_CACHE_URL": redis_server.url(), **env})
+        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=stderr, env=env)
+
+
+def _until_serving(run: subprocess.Popen[str]) -> list[str]:
+    """What the script printed up to "Ctrl-C stops everything" (everything is up then)."""
+    assert run.stdout is not None
+    lines = []
+    for line in run.stdout:
+        lines.append(line)
+        if line.startswith("Ctrl-C stops everything"):
+            break
+    return lines
 
 
 def _pid_alive(pid: int) -> bool:
@@ -125,7 +137,8 @@ def _pid_alive(pid: int) -> bool:
 
 def test_make_run_with_a_bad_token_prints_one_line_and_stops_everything(
         redis_server: RedisServer) -> None:
-    run = _devstack(redis_server, {"CACHE_ADMIN_TOKEN": "adm"})
+    run = _devstack({**os.environ, "REDIS_CACHE_URL": redis_server.url(),
+                     "CACHE_ADMIN_TOKEN": "adm"})
     out, err = run.communicate(timeout=60)
     assert run.returncode == 2
     assert "Traceback" not in out + err
@@ -137,18 +150,9 @@ def test_make_run_with_a_bad_token_prints_one_line_and_stops_everything(
 
 def test_make_run_gives_a_development_admin_token(redis_server: RedisServer) -> None:
     env = {k: v for k, v in os.environ.items() if k != "CACHE_ADMIN_TOKEN"}
-    run = subprocess.Popen(
-        [sys.executable, "scripts/devstack.py", "--proxy-port", str(free_port()),
-         "--stub-port", str(free_port()), "--latency-scale", "0"],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        env={**env, "REDIS_CACHE_URL": redis_server.url()})
+    run = _devstack({**env, "REDIS_CACHE_URL": redis_server.url()}, stderr=subprocess.DEVNULL)
     try:
-        assert run.stdout is not None
-        lines = []
-        for line in run.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C stops everything"):
-                break
+        lines = _until_serving(run)
         text = "".join(lines)
         assert "Admin token (development only" in text
         dashboard = next(x for x in lines if "Dashboard: " in x).split()[1]
@@ -172,18 +176,9 @@ def test_make_run_without_redis_starts_the_embedded_valkey() -> None:
     env.update(PATH=str(Path(sys.executable).parent),
                REDIS_CACHE_URL=f"redis://127.0.0.1:{free_port()}/1")
     proxy_port = free_port()
-    run = subprocess.Popen(
-        [sys.executable, "scripts/devstack.py", "--proxy-port", str(proxy_port),
-         "--stub-port", str(free_port()), "--latency-scale", "0"],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    run = _devstack(env, proxy_port=proxy_port, stderr=subprocess.DEVNULL)
     try:
-        assert run.stdout is not None
-        lines = []
-        for line in run.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C stops everything"):
-                break
-        started = next(x for x in lines if x.startswith("* Redis: "))
+        started = next(x for x in _until_serving(run) if x.startswith("* Redis: "))
         assert "started the embedded Valkey 9." in started, started
         assert "redis-server is not installed" in started
         server_pid = int(started.split(", pid ", 1)[1].split()[0])

@@ -192,6 +192,16 @@ def test_workers_sum_their_counters(redis_server: RedisServer, tmp_path: Path) -
 
 # -- the dashboard --------------------------------------------------------------------------------
 
+async def open_dashboard(browser: Browser, url: str) -> None:
+    """Open the dashboard as a reader and wait, inside the page, for its first render (an
+    event, not a sleep)."""
+    await browser.open(url, {"Authorization": f"Bearer {READ_TOKEN}"})
+    await browser.evaluate("""new Promise((resolve) => {
+        const check = () => document.body && document.body.dataset.ready === "1"
+          ? resolve(true) : setTimeout(check, 20);
+        check(); })""")
+
+
 async def test_dashboard_shows_what_stats_says(shipped_no_prewarm: TestClient[Any, Any]) -> None:
     shipped = shipped_no_prewarm  # counts exactly: no prewarming
     await known_traffic(shipped)
@@ -201,12 +211,7 @@ async def test_dashboard_shows_what_stats_says(shipped_no_prewarm: TestClient[An
     stats = await (await shipped.get("/cache/stats", headers=AS_READER)).json()
     url = str(shipped.make_url("/cache/dashboard"))
     async with Browser() as browser:
-        await browser.open(url, {"Authorization": f"Bearer {READ_TOKEN}"})
-        # Wait, inside the page, for its first render (an event, not a sleep).
-        await browser.evaluate("""new Promise((resolve) => {
-            const check = () => document.body && document.body.dataset.ready === "1"
-              ? resolve(true) : setTimeout(check, 20);
-            check(); })""")
+        await open_dashboard(browser, url)
         page = await browser.evaluate("""(() => {
             const t = (id) => document.getElementById(id).textContent;
             const routes = {};
@@ -255,11 +260,7 @@ async def test_dashboard_charts_time_of_day_and_shows_prewarming(
     await app[PREWARMER].drained()  # GET /sessions triggered the shipped prewarm rule
     url = str(shipped.make_url("/cache/dashboard"))
     async with Browser() as browser:
-        await browser.open(url, {"Authorization": f"Bearer {READ_TOKEN}"})
-        await browser.evaluate("""new Promise((resolve) => {
-            const check = () => document.body && document.body.dataset.ready === "1"
-              ? resolve(true) : setTimeout(check, 20);
-            check(); })""")
+        await open_dashboard(browser, url)
         page = await browser.evaluate("""(() => {
             const warm = {};
             for (const tr of document.querySelectorAll("#prewarm tbody tr"))
