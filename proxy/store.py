@@ -80,9 +80,13 @@ class Store:
 
     # -- scripts -----------------------------------------------------------------------------
 
-    async def _eval(self, source: str, keys_: Sequence[str], args: Sequence[Any]) -> Any:
-        return (await self._eval_many(source, [(keys_, args)],
-                                      self.conn.node_for(keys_[0])))[0]
+    async def _script(self, op: str, source: str, keys_: Sequence[str],
+                      args: Sequence[Any]) -> Any:
+        """One script call, on the node of its keys, under that node's budget and breaker."""
+        node = self.conn.node_for(keys_[0])
+        replies = await self.conn.run(
+            op, lambda: self._eval_many(source, [(keys_, args)], node), node=node)
+        return replies[0]
 
     async def _eval_many(self, source: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]],
                          node: Node, tail: Sequence[Sequence[Any]] = ()) -> list[Any]:
@@ -173,8 +177,7 @@ class Store:
         lookup (the fill may then carry data from before a write). Releases ``lock`` and
         announces the fill either way. True when stored."""
         k, a = self.save_call(primary, entry, ttl_s, lookup.epoch_us, lock)
-        result = await self.conn.run("save", lambda: self._eval(scripts.SAVE, k, a),
-                                     node=self.conn.node_for(k[0]))
+        result = await self._script("save", scripts.SAVE, k, a)
         _released(lock)
         return bool(result)
 
@@ -199,8 +202,7 @@ class Store:
         shard = self.layout.shard(primary)
         k = [shard.entry(primary), shard.lock(primary)]
         a = [reason, *self._finish_args(shard, lock, primary), ttl_s * 1000]
-        await self.conn.run("save", lambda: self._eval(scripts.HIT_FOR_MISS, k, a),
-                            node=self.conn.node_for(k[0]))
+        await self._script("save", scripts.HIT_FOR_MISS, k, a)
         _released(lock)
 
     async def lock(self, primary: str, token: str) -> bool:
@@ -217,8 +219,7 @@ class Store:
         shard = self.layout.shard(lock.primary)
         key = shard.lock(lock.primary)
         a = ["", *self._finish_args(shard, lock, lock.primary)]
-        await self.conn.run("unlock", lambda: self._eval(scripts.UNLOCK, [key, key], a),
-                            node=self.conn.node_for(key))
+        await self._script("unlock", scripts.UNLOCK, [key, key], a)
         lock.token = None
 
     async def purge_tags(self, tags: Sequence[str], *, soft: bool = False,
