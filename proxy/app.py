@@ -177,6 +177,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if flow.storing:  # fills answered but not stored yet (handlers cancelled)
+            await asyncio.wait(set(flow.storing), timeout=config.cache.invalidation_wait_ms / 1000)
         for task in tasks:
             task.cancel()
         for task in list(flow.background):

@@ -44,6 +44,9 @@ class Follow:
 
     key: str
     future: asyncio.Future[bool]  # True when the leader stored what it fetched
+    # The leader had answered already (it is storing): what this request waits for was
+    # in hand before it arrived, so it is a hit once stored.
+    answered: bool = False
 
 
 class Lead:
@@ -58,6 +61,9 @@ class Lead:
         self.remote = False  # another process holds the lock: wait for its fill first
         self.relook = False  # the lock was taken after the lookup: look again first
         self.stored = False  # set by the leader: followers then read the entry back
+        # Answered and storing: followers wait for this (whether it stored), even when the
+        # leader's handler is cancelled meanwhile (its client went away).
+        self.saving: asyncio.Task[bool] | None = None
 
     async def __aenter__(self) -> Lead:
         if self.lock is None:
@@ -81,6 +87,7 @@ class Coalescer:
         self.wait_s = wait_s
         self.listening = False  # the feed is up: other processes' fills can wake us
         self._flights: dict[str, asyncio.Future[bool]] = {}
+        self._answered: set[str] = set()  # keys whose leader answered and is storing
         self._remote: dict[str, list[asyncio.Future[None]]] = {}
         self._tokens = itertools.count()
         self._token_prefix = secrets.token_hex(6) + "-"
@@ -121,10 +128,15 @@ class Coalescer:
         took), or follow the request that does (then release ``lock``, see ``release``)."""
         current = self._flights.get(key)
         if current is not None:
-            return Follow(key, current)
+            return Follow(key, current, key in self._answered)
         flight: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._flights[key] = flight
         return Lead(self, key, flight, lock)
+
+    def answered(self, lead: Lead) -> None:
+        """The leader answered its client and now stores what it fetched."""
+        if self._flights.get(lead.key) is lead.flight:
+            self._answered.add(lead.key)
 
     async def release(self, lock: FillLock | None) -> None:
         """Give back a lock this request took but will not use."""
@@ -181,16 +193,24 @@ class Coalescer:
             lead.remote = True
 
     async def _finish(self, lead: Lead) -> None:
+        saving = lead.saving
+        if saving is not None:
+            await asyncio.wait({saving})
+            lead.stored = not saving.cancelled() and saving.exception() is None and \
+                saving.result()
         self._settle(lead, lead.stored)
         await self.release(lead.lock)
 
     def _abandon(self, lead: Lead) -> None:
-        """The leader was cancelled: followers fetch for themselves; the lock expires or is
-        released by ``_finish`` when it still can."""
-        self._settle(lead, False)
+        """The leader was cancelled: followers fetch for themselves (unless it answered and
+        is storing: ``_finish``, shielded, settles when that is over); the lock expires or
+        is released by ``_finish`` when it still can."""
+        if lead.saving is None or lead.saving.done():
+            self._settle(lead, False)
 
     def _settle(self, lead: Lead, stored: bool) -> None:
         if self._flights.get(lead.key) is lead.flight:
             del self._flights[lead.key]
+            self._answered.discard(lead.key)
         if not lead.flight.done():
             lead.flight.set_result(stored)

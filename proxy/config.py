@@ -144,6 +144,9 @@ class CacheConfig:
     coalesce_lock_ms: int = 15000
     max_entry_ttl_s: int = 7 * 86400
     keep_surrogate_headers: bool = False
+    # A fill's answer goes out before its entry is stored, as Varnish and nginx stream a
+    # miss while storing it; false: stored first, so Cache-Status can say whether it was.
+    answer_before_store: bool = True
     invalidation_wait_ms: int = 2000
     # Textual bodies at least this large are stored gzip-compressed (0: never).
     compress_min_bytes: int = 512
@@ -633,6 +636,7 @@ def _cache(r: _Reader, env: Mapping[str, str]) -> CacheConfig:
         coalesce_lock_ms=r.integer("coalesce_lock_ms", d.coalesce_lock_ms, 100),
         max_entry_ttl_s=r.integer("max_entry_ttl_s", d.max_entry_ttl_s, 1),
         keep_surrogate_headers=r.flag("keep_surrogate_headers", d.keep_surrogate_headers),
+        answer_before_store=r.flag("answer_before_store", d.answer_before_store),
         invalidation_wait_ms=r.integer("invalidation_wait_ms", d.invalidation_wait_ms, 0,
                                        60_000),
         compress_min_bytes=r.integer("compress_min_bytes", d.compress_min_bytes, 0),

@@ -49,6 +49,7 @@ class Ctx:
     detached: bool = False  # a background fetch: nobody to write interim responses to
     fetch_headers: list[tuple[str, str]] | None = None  # a background fetch's own headers
     entry: Entry | None = None  # the entry answered from, if any (prewarm triggers read it)
+    recorded: bool = False  # logged and counted (once, when its answer is ready)
 
     @property
     def req(self) -> web.BaseRequest:

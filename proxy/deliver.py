@@ -100,6 +100,16 @@ class Delivery:
                             age, status)
 
     @staticmethod
+    async def send_now(ctx: Ctx, resp: web.StreamResponse) -> None:
+        """Write an answer before the handler returns (aiohttp then finds it written): a
+        fill answers its client first and stores after."""
+        try:
+            await resp.prepare(ctx.req)
+            await resp.write_eof()
+        except ConnectionError:
+            ctx.error = "client-disconnected"
+
+    @staticmethod
     def _range(req: web.BaseRequest, entry: Entry) -> policy.ByteRange | None:
         """The one byte range a GET asks of a stored 200, when it applies (RFC 9110 §14)."""
         value = req.headers.get("Range")

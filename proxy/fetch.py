@@ -2,6 +2,7 @@
 be stored. Returns what to deliver, one of:
 
     FromEntry(entry, age, status, fields)   buffered: stored, revalidated, or stale standing in
+                                            (``store_after``: answer it first, then store it)
     Streamed(up, status, prefix)             not stored: the upstream response streams through
     Failed(error)                            the upstream failed and nothing may stand in
 """
@@ -10,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from . import policy, verdict
+from . import encoding, policy, verdict
 from .config import CacheConfig
 from .context import Ctx
 from .entry import Entry
@@ -33,6 +35,8 @@ class FromEntry:
     status: CacheStatus
     fields: tuple[tuple[str, str], ...] | None = None  # delivered instead of entry.headers
     stored: bool = False
+    # Not stored yet: answer first, then call this; it stores and says how that went.
+    store_after: Callable[[], Awaitable[FromEntry]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,10 +64,12 @@ class Fetcher:
         self.stats = stats
 
     async def fetch(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, stale: Entry | None, *,
-                    validate: bool, lock: FillLock | None = None) -> Fetched:
+                    validate: bool, lock: FillLock | None = None,
+                    answer_first: bool = False) -> Fetched:
         """Fetch for the cache: a GET (also for HEAD, so the entry fills), without the
         client's conditionals (the cache answers those itself). ``lock``: the fill lock
-        held, released by the save (or the hit-for-miss marker) when there is one."""
+        held, released by the save (or the hit-for-miss marker) when there is one.
+        ``answer_first``: a response to store comes back unstored, with ``store_after``."""
         headers = ctx.fetch_headers if ctx.fetch_headers is not None else \
             self.forwarder.headers_for(ctx.req, strip_conditionals=True)
         if validate and stale is not None:
@@ -77,7 +83,8 @@ class Fetcher:
         match v:
             case verdict.Refetch():
                 up.release()
-                return await self.fetch(ctx, keyed, lookup, None, validate=False, lock=lock)
+                return await self.fetch(ctx, keyed, lookup, None, validate=False, lock=lock,
+                                        answer_first=answer_first)
             case verdict.Revalidated():
                 up.release()
                 return await self._revalidated(keyed, lookup, v, lock)
@@ -89,31 +96,47 @@ class Fetcher:
                 return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, v.reason,
                                                 fwd_status=up.status))
             case verdict.Store():
-                return await self._store(ctx, keyed, lookup, stale, up, v, lock)
+                return await self._store(ctx, keyed, lookup, stale, up, v, lock, answer_first)
 
     async def _store(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, stale: Entry | None,
-                     up: UpstreamResponse, v: verdict.Store, lock: FillLock | None) -> Fetched:
+                     up: UpstreamResponse, v: verdict.Store, lock: FillLock | None,
+                     answer_first: bool) -> Fetched:
         try:
             body, complete = await up.read_up_to(self.cfg.max_body_bytes)
         except UpstreamError as e:
             self.metrics.upstream_errors.labels(e.kind).inc()
             ctx.error = f"upstream-{e.kind}"
             return _failed(keyed, stale, e)
-        full = verdict.on_body(v, body, complete,
-                               compress_min_bytes=self.cfg.compress_min_bytes)
+        # Compressed now when this answer is sent compressed; else after it is answered.
+        compress_now = not answer_first or (ctx.request is not None and encoding.accepts_gzip(
+            ctx.request.headers.get("Accept-Encoding")))
+        full = verdict.on_body(v, body, complete, compress_min_bytes=(
+            self.cfg.compress_min_bytes if compress_now else 0))
         if isinstance(full, verdict.Uncacheable):
             await self._hit_for_miss(keyed, full, lock)
             return Streamed(up, CacheStatus(Outcome.UNCACHEABLE, full.reason,
                                             fwd_status=up.status), body)
         up.release()
-        entry = full.entry
-        stored, why = await self._save(keyed, lookup, entry, full.ttl, lock)
+        fields = tuple(policy.fetched_fields(up.headers, full.entry.response_time))
+        fwd = "vary-miss" if lookup.vary else None
+
+        async def store() -> FromEntry:
+            kept = full if compress_now else verdict.on_body(
+                full, full.entry.body, True, compress_min_bytes=self.cfg.compress_min_bytes)
+            assert isinstance(kept, verdict.Store)  # a complete body
+            stored, why = await self._save(keyed, lookup, kept.entry, kept.ttl, lock)
+            now = time.time()
+            status = verdict.stored_status(kept.entry, Outcome.MISS, now=now, stored=stored,
+                                           why=why, fwd_status=up.status, fwd=fwd)
+            return FromEntry(kept.entry, kept.entry.age(now), status, fields, stored)
+
+        if not answer_first:
+            return await store()
         now = time.time()
-        status = verdict.stored_status(entry, Outcome.MISS, now=now, stored=stored, why=why,
-                                       fwd_status=up.status,
-                                       fwd="vary-miss" if lookup.vary else None)
-        fields = tuple(policy.fetched_fields(up.headers, entry.response_time))
-        return FromEntry(entry, entry.age(now), status, fields, stored)
+        entry = full.entry
+        status = verdict.stored_status(entry, Outcome.MISS, now=now, stored=False, why="",
+                                       fwd_status=up.status, fwd=fwd)
+        return FromEntry(entry, entry.age(now), status, fields, store_after=store)
 
     async def _revalidated(self, keyed: Keyed, lookup: Lookup, v: verdict.Revalidated,
                            lock: FillLock | None) -> FromEntry:

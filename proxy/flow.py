@@ -10,13 +10,14 @@ commands (``store``).
     lookup ─► decide ─► Serve ─► deliver (HIT / STALE, + background refresh)
                     └► NotCached ─► 504 (only-if-cached)
                     └► Fill ─► coalesce: follow ─► read back ─► deliver (COALESCED)
-                                      └► lead ─► fetch ─► verdict ─► store ─► deliver
+                                      └► lead ─► fetch ─► verdict ─► deliver ─► store
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -87,6 +88,8 @@ class Flow:
         self.recorder = Recorder(metrics, stats, access)
         self.ids = RequestIds()
         self.background: set[asyncio.Task[Any]] = set()
+        self.storing: set[asyncio.Task[bool]] = set()  # fills answered, being stored
+        self.answer_first = config.cache.answer_before_store
         self.prewarm_rules = bool(config.prewarm)
         self.prewarmer: Prewarmer | None = None  # set by the app when it is wired
 
@@ -100,11 +103,7 @@ class Flow:
                 # is not HTTP/1: refuse rather than guess what the client meant.
                 raise BadRequest(505, "http-version")
             if request.method in ("GET", "HEAD"):
-                response = await self._read(ctx)
-                if self.prewarm_rules and ctx.method == "GET" and 200 <= ctx.http_status < 300:
-                    # After the answer is written: prewarming never delays it.
-                    asyncio.get_running_loop().call_soon(self._prewarm_after, ctx)
-                return response
+                return await self._read(ctx)
             return await self.writes.handle(ctx)
         except BadRequest as e:
             ctx.cache = CacheStatus(Outcome.PASS, "rejected")
@@ -117,7 +116,18 @@ class Flow:
             ctx.cache = CacheStatus(Outcome.ERROR, "internal")
             return self.deliver.json_error(ctx, 500, "internal_error", "the proxy failed")
         finally:
-            self.recorder.done(ctx)
+            self._answered(ctx)
+
+    def _answered(self, ctx: Ctx) -> None:
+        """Once per request, when its answer is ready (a fill answered before it is stored:
+        before the store): the access log and metrics, and the prewarm rules it triggers."""
+        if ctx.recorded:
+            return
+        ctx.recorded = True
+        self.recorder.done(ctx)
+        if self.prewarm_rules and ctx.method == "GET" and 200 <= ctx.http_status < 300:
+            # After the answer is written: prewarming never delays it.
+            asyncio.get_running_loop().call_soon(self._prewarm_after, ctx)
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -188,12 +198,12 @@ class Flow:
 
     async def _fill(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill,
                     lock: FillLock | None, since: int) -> web.StreamResponse:
+        first = self.answer_first
         if not fill.coalesce:
             await self.coalescer.release(lock)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
-                                               validate=fill.validate)
-            self._keep(keyed, fetched, since)
-            return await self._deliver(ctx, fetched, fill.detail)
+                                               validate=fill.validate, answer_first=first)
+            return (await self._answer(ctx, keyed, fetched, since, fill.detail))[0]
         step = self.coalescer.join(keyed.primary, lock)
         if isinstance(step, Follow):
             await self.coalescer.release(lock)
@@ -203,11 +213,10 @@ class Flow:
             if await self.coalescer.follow(step):
                 found = await self._look_again(keyed)
                 if found is not None:
-                    return self._coalesced(ctx, found)
+                    return self._coalesced(ctx, found, hit=step.answered)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
-                                               validate=fill.validate)
-            self._keep(keyed, fetched, since)
-            return await self._deliver(ctx, fetched)
+                                               validate=fill.validate, answer_first=first)
+            return (await self._answer(ctx, keyed, fetched, since))[0]
         return await self._lead(ctx, keyed, lookup, fill, step, since)
 
     async def _lead(self, ctx: Ctx, keyed: Keyed, lookup: Lookup, fill: Fill, step: Lead,
@@ -224,10 +233,51 @@ class Flow:
                 lead.stored = True
                 return self._coalesced(ctx, found)
             fetched = await self.fetcher.fetch(ctx, keyed, lookup, fill.stale,
-                                               validate=fill.validate, lock=lead.lock)
-            lead.stored = isinstance(fetched, FromEntry) and fetched.stored
-            self._keep(keyed, fetched, since)
-            return await self._deliver(ctx, fetched, fill.detail)
+                                               validate=fill.validate, lock=lead.lock,
+                                               answer_first=self.answer_first)
+            response, lead.stored = await self._answer(ctx, keyed, fetched, since,
+                                                       fill.detail, lead)
+            return response
+
+    async def _answer(self, ctx: Ctx, keyed: Keyed, fetched: Fetched, since: int,
+                      detail: str = "", lead: Lead | None = None,
+                      ) -> tuple[web.StreamResponse, bool]:
+        """Deliver what a fill fetched, and whether it was stored (then it is held in the L1
+        too). A response still to be stored is answered first and stored after, before the
+        lead ends: followers wait for the stored entry, and a write after this answer
+        purges it or refuses its save (the save checks the generations)."""
+        if isinstance(fetched, FromEntry) and fetched.store_after is not None:
+            response = self.deliver.entry(ctx, fetched.entry, fetched.age,
+                                          fetched.status.with_detail(detail), fetched.fields)
+            self._answered(ctx)
+            await self.deliver.send_now(ctx, response)
+            # Its own task: a cancelled handler (the client went away) still stores.
+            task = asyncio.get_running_loop().create_task(
+                self._store_answered(keyed, fetched.store_after, since))
+            self.storing.add(task)
+            task.add_done_callback(self.storing.discard)
+            if lead is not None:
+                lead.saving = task
+                self.coalescer.answered(lead)
+            return response, await asyncio.shield(task)
+        self._keep(keyed, fetched, since)
+        stored = isinstance(fetched, FromEntry) and fetched.stored
+        return await self._deliver(ctx, fetched, detail), stored
+
+    async def _store_answered(self, keyed: Keyed, store: Callable[[], Awaitable[FromEntry]],
+                              since: int) -> bool:
+        try:
+            saved = await store()
+        except Exception:  # a bug: the answer is gone already, nothing else may be written
+            log.exception("storing an answered fill failed", route=keyed.route.name)
+            return False
+        self._keep(keyed, saved, since)
+        return saved.stored
+
+    async def settled(self) -> None:
+        """Wait until the fills answered so far are stored (or refused)."""
+        while self.storing:
+            await asyncio.wait(set(self.storing))
 
     async def _deliver(self, ctx: Ctx, fetched: Fetched,
                        detail: str = "") -> web.StreamResponse:
@@ -281,9 +331,14 @@ class Flow:
         await self.coalescer.wait_remote(keyed.primary, recheck)
         return found[-1] if found else None
 
-    def _coalesced(self, ctx: Ctx, entry: Entry) -> web.StreamResponse:
-        self.metrics.coalesced.inc()
+    def _coalesced(self, ctx: Ctx, entry: Entry, hit: bool = False) -> web.StreamResponse:
+        """Served what another request fetched and stored; ``hit``: it had been fetched
+        before this request arrived (the leader was storing it)."""
         age = entry.age(time.time())
+        if hit:
+            return self.deliver.entry(ctx, entry, age, CacheStatus(Outcome.HIT,
+                                                                   ttl=entry.lifetime - age))
+        self.metrics.coalesced.inc()
         return self.deliver.entry(ctx, entry, age, CacheStatus(Outcome.COALESCED,
                                                                ttl=entry.lifetime - age))
 

@@ -10,9 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import create_app
+from proxy.app import FLOW, create_app
 from proxy.config import Config, load_config, parse_config
 from upstream_stub.app import PROGRAMS
 from upstream_stub.app import create_app as create_stub
@@ -110,10 +111,9 @@ async def make_proxy(aiohttp_client: Any, stub: TestServer,
     """Build a proxy in front of the stub and the test's Redis; keyword arguments override
     config sections (``cache={"max_body_bytes": 10}``)."""
 
-    async def make(**overrides: Any) -> TestClient[Any, Any]:
+    async def make(settle: bool = True, **overrides: Any) -> TestClient[Any, Any]:
         doc = base_config(str(stub.make_url("")).rstrip("/"), redis_server.url(), **overrides)
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(make_config(doc)))
-        return client
+        return await proxy_client(aiohttp_client, create_app(make_config(doc)), settle)
 
     return make
 
@@ -121,6 +121,33 @@ async def make_proxy(aiohttp_client: Any, stub: TestServer,
 @pytest.fixture
 async def proxy(make_proxy: MakeProxy) -> TestClient[Any, Any]:
     return await make_proxy()
+
+
+async def settled(*clients: TestClient[Any, Any]) -> None:
+    """Wait until the fills these proxies answered are stored (a fill is answered first,
+    ``cache.answer_before_store``): before looking at Redis or the L1 behind an answer."""
+    for client in clients:
+        assert client.app is not None
+        await client.app[FLOW].settled()
+
+
+async def proxy_client(aiohttp_client: Any, app: web.Application,
+                       settle: bool = True) -> TestClient[Any, Any]:
+    """A test client of the proxy ``app``. ``settle``: each request returns once the fills
+    answered so far are stored too, so that a test can look at Redis and the L1 behind an
+    answer, or count on the next request finding it stored. Tests of answering first, and
+    processes over HTTP, see the answer as soon as it is written."""
+    client: TestClient[Any, Any] = await aiohttp_client(app)
+    if settle:
+        send = client._request
+
+        async def request(method: str, path: Any, **kwargs: Any) -> Any:
+            resp = await send(method, path, **kwargs)
+            await settled(client)
+            return resp
+
+        client._request = request  # type: ignore[method-assign]
+    return client
 
 
 # Example admin tokens, for tests only.
@@ -151,8 +178,7 @@ async def shipped(aiohttp_client: Any, stub: TestServer,
                   redis_server: RedisServer) -> TestClient[Any, Any]:
     """The proxy exactly as config.yaml configures it, pointed at the stub and test Redis."""
     config = load_config(ROOT_DIR / "config.yaml", shipped_env(stub, redis_server))
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(config))
-    return client
+    return await proxy_client(aiohttp_client, create_app(config))
 
 
 @pytest.fixture
@@ -161,6 +187,5 @@ async def shipped_no_prewarm(aiohttp_client: Any, stub: TestServer,
     """config.yaml without its prewarm rules: for tests that count exactly what is stored
     and fetched (prewarming after GET /sessions would add to it in the background)."""
     config = load_config(ROOT_DIR / "config.yaml", shipped_env(stub, redis_server))
-    client: TestClient[Any, Any] = await aiohttp_client(
-        create_app(dataclasses.replace(config, prewarm=())))
-    return client
+    return await proxy_client(aiohttp_client,
+                              create_app(dataclasses.replace(config, prewarm=())))

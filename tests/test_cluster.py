@@ -13,7 +13,16 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 
-from .conftest import ALICE, AS_PURGER, AS_SUPERUSER, BOB, StubControl, base_config, make_config
+from .conftest import (
+    ALICE,
+    AS_PURGER,
+    AS_SUPERUSER,
+    BOB,
+    StubControl,
+    base_config,
+    make_config,
+    proxy_client,
+)
 from .procs import RedisCluster, command, poll
 
 ENTRY_KEYS = "{jcache:*}:e:*"
@@ -43,8 +52,7 @@ async def cluster_proxy(aiohttp_client: Any, stub: TestServer, cluster: RedisClu
     doc = base_config(str(stub.make_url("")).rstrip("/"), cluster.url(),
                       redis={"mode": "cluster", "timeout_ms": 500, **redis},
                       cache={"invalidation_wait_ms": 2000, **(cache or {})})
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(make_config(doc)))
-    return client
+    return await proxy_client(aiohttp_client, create_app(make_config(doc)))
 
 
 async def read_all(proxy: TestClient[Any, Any], paths: list[str],

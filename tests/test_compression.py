@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy import encoding
 
-from .conftest import ENTRY_KEYS, MakeProxy, StubControl
+from .conftest import ENTRY_KEYS, MakeProxy, StubControl, settled
 from .procs import RedisServer
 
 BIG = json.dumps({"items": [{"id": i, "name": f"item {i}", "tags": ["a", "b"]}
@@ -29,7 +29,9 @@ async def raw(proxy: TestClient[Any, Any], path: str, method: str = "GET",
     async with aiohttp.ClientSession(auto_decompress=False,
                                      skip_auto_headers=["Accept-Encoding"]) as s, \
             s.request(method, proxy.make_url(path), headers=headers) as resp:
-        return resp, await resp.read()
+        body = await resp.read()
+    await settled(proxy)  # stored too (this session is not the proxy's settling client)
+    return resp, body
 
 
 def stored(server: RedisServer) -> list[dict[bytes, bytes]]:

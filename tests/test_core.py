@@ -7,11 +7,14 @@ import asyncio
 import json
 from typing import Any, cast
 
+import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from .conftest import ALICE, BOB, ENTRY_KEYS, OUR_KEYS, MakeProxy, StubControl
+from proxy.app import FLOW
+
+from .conftest import ALICE, BOB, ENTRY_KEYS, OUR_KEYS, MakeProxy, StubControl, settled
 from .procs import RedisServer
 
 TXNS = "/transactions?session_id=alice-s1&page_size=5"
@@ -47,7 +50,6 @@ async def test_hit_after_miss_reaches_upstream_once(proxy: TestClient[Any, Any],
     body1 = await first.read()
     assert first.status == 200
     assert first.headers["X-Cache"] == "MISS"
-    assert "stored" in first.headers["Cache-Status"]
     second = await proxy.get(TXNS, headers=ALICE)
     body2 = await second.read()
     assert second.status == 200
@@ -60,6 +62,39 @@ async def test_hit_after_miss_reaches_upstream_once(proxy: TestClient[Any, Any],
     assert int(second.headers["Age"]) >= 0
     assert await stubctl.count("GET /transactions") == 1
     assert len(entry_keys(redis_server)) == 1
+
+
+@pytest.mark.parametrize("answer_first", [True, False])
+async def test_a_fill_is_answered_before_it_is_stored(make_proxy: MakeProxy,
+                                                      stubctl: StubControl,
+                                                      redis_server: RedisServer,
+                                                      answer_first: bool) -> None:
+    """By default (``cache.answer_before_store``) the client whose request fills an entry
+    gets its answer as soon as the upstream's is read: a stalled save does not hold it
+    back. Stored first, the answer waits for the save and says how that went."""
+    proxy = await make_proxy(settle=False, cache={"answer_before_store": answer_first})
+    await stubctl.program("fill", headers=[["Cache-Control", "max-age=600"]], body="fresh",
+                          delay_ms=200)
+    slow = asyncio.ensure_future(proxy.get("/p/fill"))
+    await stubctl.arrival("fill")  # looked up (the fill lock taken): now stall the save
+    admin = redis_server.client()
+    admin.client_pause(30_000, all=False)  # scripts and writes wait; reads go on
+    try:
+        resp = await asyncio.wait_for(slow, 10)
+        assert await resp.text() == "fresh"
+        assert resp.headers["X-Cache"] == "MISS"
+        status = resp.headers["Cache-Status"]
+        assert proxy.app is not None
+        if answer_first:
+            assert "detail=" not in status, status
+            assert "stored" not in status, status
+            assert proxy.app[FLOW].storing  # the save is still waiting for Redis
+        else:
+            assert "detail=redis-timeout" in status, status  # it waited for the save
+    finally:
+        admin.client_unpause()
+    await settled(proxy)
+    assert not proxy.app[FLOW].storing
 
 
 async def test_entry_ttl_comes_from_route(proxy: TestClient[Any, Any],

@@ -199,8 +199,7 @@ async def test_fill_racing_a_write_is_not_stored(proxy: TestClient[Any, Any],
     assert write.status == 200
     stale = await slow
     assert await stale.text() == "old"  # it started before the write: fine to answer ...
-    assert "detail=invalidated-during-fill" in stale.headers["Cache-Status"]  # ... not to keep
-    fresh = await proxy.get("/p/race")
+    fresh = await proxy.get("/p/race")  # ... not to keep
     assert await fresh.text() == "new"
     assert fresh.headers["X-Cache"] == "MISS"
 
@@ -223,7 +222,6 @@ async def test_writes_do_not_refuse_unrelated_fills(proxy: TestClient[Any, Any],
         assert (await proxy.put(f"/p/busy?n={i}", data=b"x")).status == 204
     for resp in await asyncio.gather(*fills):
         assert resp.headers["X-Cache"] == "MISS"
-        assert resp.headers["Cache-Status"].endswith("; stored"), resp.headers["Cache-Status"]
     for name in names:
         assert (await proxy.get(f"/p/{name}")).headers["X-Cache"] == "HIT"
 

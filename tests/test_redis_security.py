@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import redis
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
 
-from .conftest import ALICE, StubControl, base_config, make_config
+from .conftest import ALICE, StubControl, base_config, make_config, proxy_client
 from .procs import RedisCluster, RedisServer, Security, Sentinels, self_signed, server_binary
 
 PAGES = [f"/transactions?session_id=alice-s1&page_size=1&page={n}" for n in range(1, 13)]
@@ -40,7 +40,7 @@ async def _exercise(aiohttp_client: Any, stub: TestServer, stubctl: StubControl,
                     redis: dict[str, Any]) -> None:
     doc = base_config(str(stub.make_url("")).rstrip("/"), redis.pop("url"),
                       redis={"timeout_ms": 1000, **redis})
-    proxy: TestClient[Any, Any] = await aiohttp_client(create_app(make_config(doc)))
+    proxy = await proxy_client(aiohttp_client, create_app(make_config(doc)))
     for expected in ("MISS", "HIT"):
         for path in PAGES:
             resp = await proxy.get(path, headers=ALICE)

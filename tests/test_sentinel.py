@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import REDIS, create_app
 
-from .conftest import ALICE, StubControl, base_config, make_config
+from .conftest import ALICE, StubControl, base_config, make_config, proxy_client
 from .procs import Sentinels, poll
 
 PAGES = [f"/transactions?session_id=alice-s1&page_size=1&page={n}" for n in range(1, 31)]
@@ -36,8 +36,7 @@ async def sentinel_proxy(aiohttp_client: Any, stub: TestServer,
                              "service_name": group.service, "timeout_ms": 500,
                              "breaker_reset_s": 0.2},
                       cache={"invalidation_wait_ms": 2000})
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(make_config(doc)))
-    return client
+    return await proxy_client(aiohttp_client, create_app(make_config(doc)))
 
 
 async def read_all(proxy: TestClient[Any, Any]) -> list[tuple[int, str, int]]:
