@@ -69,10 +69,10 @@ class Delivery:
             # by the store).
             gz = bool(entry.encoded) and wanted is None and \
                 encoding.accepts_gzip(req.headers.get("Accept-Encoding"))
-            ready = entry.ready.get("gzip" if gz else "plain")
-            if ready is None:
-                ready = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
-            headers, body, block = ready
+            prepared = entry.ready.get("gzip" if gz else "plain")
+            if prepared is None:
+                prepared = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
+            headers, body, block = prepared
             if block is not None and not conditional and wanted is None:
                 return self._ready(ctx, entry.status, block, body, age, status)
         else:
@@ -85,6 +85,11 @@ class Delivery:
             if entry.encoded:
                 body = self._negotiate(entry, headers, wanted is None and encoding.accepts_gzip(
                     req.headers.get("Accept-Encoding")))
+            if self.ready_made and not conditional and wanted is None:
+                # A fill's answer: serialised here once rather than through a Response.
+                block = ready.header_block(entry.status, headers.items(), body)
+                if block is not None:
+                    return self._ready(ctx, entry.status, block, body, age, status)
         if entry.status == 200 and conditional and \
                 policy.not_modified(list(req.headers.items()), entry.headers):
             keep: CIMultiDict[str] = CIMultiDict(
