@@ -381,8 +381,11 @@ class Flow:
             return
         req = ctx.req
         name = self.planner.identity_cookie
-        user = self.planner.user_scope(req.headers.get(self.planner.identity_header),
-                                       req.cookies.get(name) if name else None)
+
+        def user() -> str | None:  # an HMAC: only when a rule matches
+            return self.planner.user_scope(req.headers.get(self.planner.identity_header),
+                                           req.cookies.get(name) if name else None)
+
         entry = ctx.entry
         self.prewarmer.after(req, ctx.rid, req.path, user,
                              entry.plain if entry is not None else lambda: b"")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import email.utils
+import functools
 import re
 import time
 from collections.abc import Iterable, Sequence
@@ -121,19 +122,8 @@ class CacheControl:
 
     @classmethod
     def parse(cls, values: Iterable[str]) -> CacheControl:
-        d: dict[str, str | None] = {}
-        for member in split_list(values):
-            name, sep, arg = member.partition("=")
-            if not _TOKEN_RE.match(name):
-                continue  # e.g. "max-age =60": not a directive at all
-            lname = name.lower()
-            value: str | None = None
-            if sep:
-                value = _unquote(arg) if arg.startswith('"') else arg
-                if value is None or (not arg.startswith('"') and not _TOKEN_RE.match(arg)):
-                    value = "\x00invalid"  # "max-age= 60", "max-age='60'", unbalanced quotes
-            d.setdefault(lname, value)
-        return cls(d)
+        # Responses of a route, and requests, repeat a handful of values: parsed once each.
+        return _parse_cache_control(tuple(values))
 
     @classmethod
     def of(cls, headers: Headers) -> CacheControl:
@@ -187,6 +177,23 @@ def targeted(values: Sequence[str]) -> CacheControl | None:
             d[name] = str(value)  # a count, or a String / Token (private="x", no-cache=y)
         else:
             d[name] = "\x00invalid"
+    return CacheControl(d)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_cache_control(values: tuple[str, ...]) -> CacheControl:
+    d: dict[str, str | None] = {}
+    for member in split_list(values):
+        name, sep, arg = member.partition("=")
+        if not _TOKEN_RE.match(name):
+            continue  # e.g. "max-age =60": not a directive at all
+        lname = name.lower()
+        value: str | None = None
+        if sep:
+            value = _unquote(arg) if arg.startswith('"') else arg
+            if value is None or (not arg.startswith('"') and not _TOKEN_RE.match(arg)):
+                value = "\x00invalid"  # "max-age= 60", "max-age='60'", unbalanced quotes
+        d.setdefault(lname, value)
     return CacheControl(d)
 
 

@@ -118,10 +118,11 @@ class Prewarmer:
 
     # -- triggers ---------------------------------------------------------------------------------
 
-    def after(self, request: web.BaseRequest, rid: str, path: str, user: str | None,
-              body: Callable[[], bytes]) -> None:
+    def after(self, request: web.BaseRequest, rid: str, path: str,
+              user: Callable[[], str | None], body: Callable[[], bytes]) -> None:
         """A 2xx answer to a GET of ``path`` (normalised) was made: queue what its rules
-        warm. ``body`` gives the answer's body (read only when a rule needs its JSON)."""
+        warm. ``user`` gives the client's identity scope and ``body`` the answer's body
+        (each taken only when a rule needs it)."""
         matched = self.rules.match("GET", path)
         if matched is None:
             return
@@ -137,10 +138,11 @@ class Prewarmer:
                 return  # not JSON: nothing to expand
         headers = {k.lower(): v for k, v in request.headers.items()}
         query = dict(request.query.items())
+        scope = user() or ""
         for url in urls_for(rule, params=matched.params, query=query, headers=headers,
                             response_json=doc):
             path_, _, query_ = url.partition("?")
-            self._offer(_Job(rule.name, user or "", rid, request, path_, query_))
+            self._offer(_Job(rule.name, scope, rid, request, path_, query_))
 
     async def warm_public(self, urls: Sequence[str], rule: str = ADMIN_RULE,
                           rid: str = "") -> list[str]:

@@ -305,19 +305,15 @@ class _Batch:
     def _flush(self) -> None:
         calls, waiting = self._calls, self._waiting
         self._calls, self._waiting = [], []
-        task = asyncio.get_running_loop().create_task(self._run(calls, waiting))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-
-    async def _run(self, calls: list[tuple[list[str], list[Any]]],
-                   waiting: list[asyncio.Future[Any]]) -> None:
-        store = self.store
         groups: dict[Node, list[int]] = {}
         for i, (keys_, _) in enumerate(calls):
-            groups.setdefault(store.conn.node_for(keys_[0]), []).append(i)
-        await asyncio.gather(*(self._run_on(node, [calls[i] for i in idx],
-                                            [waiting[i] for i in idx])
-                               for node, idx in groups.items()))
+            groups.setdefault(self.store.conn.node_for(keys_[0]), []).append(i)
+        loop = asyncio.get_running_loop()
+        for node, idx in groups.items():  # one pipeline per node, all at once
+            task = loop.create_task(self._run_on(node, [calls[i] for i in idx],
+                                                 [waiting[i] for i in idx]))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
     async def _run_on(self, node: Node, calls: list[tuple[list[str], list[Any]]],
                       waiting: list[asyncio.Future[Any]]) -> None:
