@@ -1,7 +1,7 @@
 """The Invalidator: what writes and admins make stale, purged now, or remembered and replayed.
 
-A write's invalidation waits (up to ``cache.invalidation_wait_ms``, past the circuit
-breaker) for Redis to take it; an admin purge tries once. What Redis does not take is
+A write's invalidation, and an admin purge, wait (up to ``cache.invalidation_wait_ms``, past
+the circuit breaker) for Redis to take it. What Redis does not take is
 deferred: reads on this instance treat every entry it covers, fetched before it, as a miss
 until the replay loop gets it through. Used by the flow (writes, reads), the admin routes
 and the replay loop, only through the methods below.
@@ -49,6 +49,15 @@ class Invalidator:
     async def invalidate(self, tags: list[str], *, reason: str, soft: bool = False) -> str:
         """Purge ``tags`` now, waiting for Redis up to the bound; if it cannot be reached,
         defer them. Returns a detail word for the response ("" or "invalidation-pending")."""
+        try:
+            total = await self._purge_waiting(tags, soft=soft)
+        except StoreUnavailable:
+            return "invalidation-pending"
+        self._count(total, reason)
+        return ""
+
+    async def _purge_waiting(self, tags: list[str], *, soft: bool) -> int:
+        """Purge ``tags``, retrying up to the bound; past it, defer them and raise."""
         at = time.time()
         self.l1.drop_tags(tags)  # this instance forgets them at once, before Redis does
         loop = asyncio.get_running_loop()
@@ -56,31 +65,23 @@ class Invalidator:
         attempt = 0
         while True:
             try:
-                # Past the first attempt, try even with the breaker open: a write's
-                # invalidation is worth waiting for so that no instance serves what the
-                # write made stale.
-                total = await self.store.purge_tags(tags, soft=soft, force=attempt > 0)
-                break
+                # Past the first attempt, try even with the breaker open: an invalidation
+                # is worth waiting for so that no instance serves what it made stale (and
+                # one slow Redis call on a busy host is not an outage).
+                return await self.store.purge_tags(tags, soft=soft, force=attempt > 0)
             except StoreUnavailable:
                 attempt += 1
                 pause = min(0.05 * 2 ** attempt, 0.4)
                 if loop.time() + pause >= deadline:
                     self.defer(tags, at)
-                    return "invalidation-pending"
+                    raise
                 await asyncio.sleep(pause)
-        self._count(total, reason)
-        return ""
 
     async def purge(self, tags: list[str], *, soft: bool) -> int:
-        """An admin purge: one attempt; when Redis cannot take it, it is deferred (this
-        instance stops serving what it covers) and StoreUnavailable is raised."""
-        at = time.time()
-        self.l1.drop_tags(tags)
-        try:
-            n = await self.store.purge_tags(tags, soft=soft)
-        except StoreUnavailable:
-            self.defer(tags, at)
-            raise
+        """An admin purge: as a write's, waits for Redis up to the bound; when Redis cannot
+        take it, it is deferred (this instance stops serving what it covers) and
+        StoreUnavailable is raised."""
+        n = await self._purge_waiting(tags, soft=soft)
         self._count(n, "soft-purge" if soft else "purge")
         return n
 
