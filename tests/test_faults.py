@@ -102,7 +102,8 @@ async def test_redis_faults_under_load(make_proxy: MakeProxy, redis_server: Redi
         elif fault == "sigstop":
             redis_server.freeze()
         elif fault == "client-pause":
-            admin.client_pause(2000)  # every client, reads too
+            # In a thread: a blocking call here would stall the proxy's loop with it.
+            await asyncio.to_thread(admin.client_pause, 2000)  # every client, reads too
         else:
             await asyncio.to_thread(
                 subprocess.run, ["redis-cli", "-p", str(redis_server.port), "DEBUG", "SLEEP",
@@ -114,7 +115,7 @@ async def test_redis_faults_under_load(make_proxy: MakeProxy, redis_server: Redi
         elif fault == "sigstop":
             redis_server.thaw()
         elif fault == "client-pause":
-            admin.client_unpause()
+            await asyncio.to_thread(admin.client_unpause)
 
     results = await under_fault(proxy, inject, recover)
     outcomes = assert_no_5xx(results)
