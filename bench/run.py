@@ -65,6 +65,15 @@ def _bytes_per_raw_byte(redis: RedisServer, proxy: str) -> float:
     r = redis.client()
 
     def held() -> int:
+        # A fill is stored after its answer: wait (bounded) until the stores in flight,
+        # those of the miss runs before included, have landed.
+        deadline = time.monotonic() + 10
+        size = r.dbsize()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            size, last = r.dbsize(), size
+            if size == last:
+                break
         return sum(r.memory_usage(key, samples=0) or 0 for key in r.scan_iter(count=1000))
 
     before = held()
