@@ -12,6 +12,7 @@ Tags an entry carries:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -26,9 +27,14 @@ MAX_TAGS_PER_ENTRY = 256
 MAX_TAG_LENGTH = 200
 
 
+# Whitespace (as str.isspace) and control characters: one regex search rather than a test
+# per character (it was a fifth of a fill's verdict).
+_NOT_IN_TAG = re.compile(r"[\s\x00-\x1f]")
+
+
 def clean_tag(tag: str) -> str | None:
     tag = tag.strip()
-    if not tag or len(tag) > MAX_TAG_LENGTH or any(c.isspace() or ord(c) < 32 for c in tag):
+    if not tag or len(tag) > MAX_TAG_LENGTH or _NOT_IN_TAG.search(tag):
         return None
     return tag
 

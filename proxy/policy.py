@@ -45,15 +45,19 @@ NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "transfer-
 # Header helpers
 
 
+# Names of another length are skipped before lower-casing: a response's dozen fields are
+# looked up this way a dozen times per fill.
 def get_all(headers: Headers, name: str) -> list[str]:
     lname = name.lower()
-    return [v for k, v in headers if k.lower() == lname]
+    n = len(lname)
+    return [v for k, v in headers if len(k) == n and k.lower() == lname]
 
 
 def get_first(headers: Headers, name: str) -> str | None:
     lname = name.lower()
+    n = len(lname)
     for k, v in headers:
-        if k.lower() == lname:
+        if len(k) == n and k.lower() == lname:
             return v
     return None
 
