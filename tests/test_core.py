@@ -72,7 +72,9 @@ async def test_a_fill_is_answered_before_it_is_stored(make_proxy: MakeProxy,
     """By default (``cache.answer_before_store``) the client whose request fills an entry
     gets its answer as soon as the upstream's is read: a stalled save does not hold it
     back. Stored first, the answer waits for the save and says how that went."""
-    proxy = await make_proxy(settle=False, cache={"answer_before_store": answer_first})
+    # A 1 s budget: the save is surely still waiting when the answer is looked at.
+    proxy = await make_proxy(settle=False, cache={"answer_before_store": answer_first},
+                             redis={"timeout_ms": 1000})
     await stubctl.program("fill", headers=[["Cache-Control", "max-age=600"]], body="fresh",
                           delay_ms=200)
     slow = asyncio.ensure_future(proxy.get("/p/fill"))
