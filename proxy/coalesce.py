@@ -86,8 +86,7 @@ class Coalescer:
         self.store = store
         self.wait_s = wait_s
         self.listening = False  # the feed is up: other processes' fills can wake us
-        self._flights: dict[str, asyncio.Future[bool]] = {}
-        self._answered: set[str] = set()  # keys whose leader answered and is storing
+        self._flights: dict[str, Lead] = {}  # the leader of each key fetched in this process
         self._remote: dict[str, list[asyncio.Future[None]]] = {}
         self._tokens = itertools.count()
         self._token_prefix = secrets.token_hex(6) + "-"
@@ -128,15 +127,10 @@ class Coalescer:
         took), or follow the request that does (then release ``lock``, see ``release``)."""
         current = self._flights.get(key)
         if current is not None:
-            return Follow(key, current, key in self._answered)
+            return Follow(key, current.flight, current.saving is not None)
         flight: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._flights[key] = flight
-        return Lead(self, key, flight, lock)
-
-    def answered(self, lead: Lead) -> None:
-        """The leader answered its client and now stores what it fetched."""
-        if self._flights.get(lead.key) is lead.flight:
-            self._answered.add(lead.key)
+        lead = self._flights[key] = Lead(self, key, flight, lock)
+        return lead
 
     async def release(self, lock: FillLock | None) -> None:
         """Give back a lock this request took but will not use."""
@@ -209,8 +203,7 @@ class Coalescer:
             self._settle(lead, False)
 
     def _settle(self, lead: Lead, stored: bool) -> None:
-        if self._flights.get(lead.key) is lead.flight:
+        if self._flights.get(lead.key) is lead:
             del self._flights[lead.key]
-            self._answered.discard(lead.key)
         if not lead.flight.done():
             lead.flight.set_result(stored)

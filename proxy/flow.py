@@ -257,8 +257,7 @@ class Flow:
             self.storing.add(task)
             task.add_done_callback(self.storing.discard)
             if lead is not None:
-                lead.saving = task
-                self.coalescer.answered(lead)
+                lead.saving = task  # followers from now on wait for the store: hits
             return response, await asyncio.shield(task)
         self._keep(keyed, fetched, since)
         stored = isinstance(fetched, FromEntry) and fetched.stored
