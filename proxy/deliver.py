@@ -64,6 +64,7 @@ class Delivery:
         headers: CIMultiDict[str]
         conditional = "If-None-Match" in req.headers or "If-Modified-Since" in req.headers
         wanted = self._range(req, entry)
+        whole = not conditional and wanted is None  # a plain 200-style answer: ready-made
         if fields is None:  # stored fields are ready to send (see verdict.make_entry)
             # A range is taken from the representation as the upstream sent it (not gzipped
             # by the store).
@@ -73,8 +74,6 @@ class Delivery:
             if prepared is None:
                 prepared = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
             headers, body, block = prepared
-            if block is not None and not conditional and wanted is None:
-                return self._ready(ctx, entry.status, block, body, age, status)
         else:
             headers = CIMultiDict((k, v) for k, v in fields
                                   if k.lower() not in self.internal)
@@ -85,11 +84,11 @@ class Delivery:
             if entry.encoded:
                 body = self._negotiate(entry, headers, wanted is None and encoding.accepts_gzip(
                     req.headers.get("Accept-Encoding")))
-            if self.ready_made and not conditional and wanted is None:
-                # A fill's answer: serialised here once rather than through a Response.
-                block = ready.header_block(entry.status, headers.items(), body)
-                if block is not None:
-                    return self._ready(ctx, entry.status, block, body, age, status)
+            # A fill's answer: serialised here once rather than through a Response.
+            block = ready.header_block(entry.status, headers.items(), body) \
+                if self.ready_made and whole else None
+        if block is not None and whole:
+            return self._ready(ctx, entry.status, block, body, age, status)
         if entry.status == 200 and conditional and \
                 policy.not_modified(list(req.headers.items()), entry.headers):
             keep: CIMultiDict[str] = CIMultiDict(
