@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.devstack import DEV_ADMIN_TOKEN, port_free, supervise  # noqa: E402
+from scripts.devstack import DEV_ADMIN_TOKEN, port_free, start_stub, supervise  # noqa: E402
 from tests.procs import RedisCluster, server_binary, start_python, stop  # noqa: E402
 
 
@@ -47,11 +47,7 @@ def main() -> int:
             [replica] = cluster.replicas_of(i)
             print(f"  primary 127.0.0.1:{node.port} (pid {node.pid}), "
                   f"replica 127.0.0.1:{replica.port} (pid {replica.pid})")
-        stub, stub_url = start_python("upstream_stub", [
-            "--host", "127.0.0.1", "--port", str(args.stub_port),
-            "--latency-scale", str(args.latency_scale)], show_logs=True)
-        started.append(stub)
-        print(f"* Upstream stub: {stub_url} (pid {stub.pid})")
+        stub_url = start_stub(args, started)
         seeds = ",".join(f"redis://127.0.0.1:{n.port}" for n in cluster.primaries)
         env = {"UPSTREAM_URL": stub_url, "REDIS_MODE": "cluster", "REDIS_CACHE_URL": seeds,
                "CACHE_ADMIN_TOKEN": os.environ.get("CACHE_ADMIN_TOKEN") or DEV_ADMIN_TOKEN}

@@ -67,6 +67,17 @@ def supervise(started: list[subprocess.Popen[bytes]]) -> int:
             started[-1].wait(timeout=1)
 
 
+def start_stub(args: argparse.Namespace, started: list[subprocess.Popen[bytes]]) -> str:
+    """The upstream stub on ``args.stub_port`` with ``args.latency_scale``, added to
+    ``started``; its URL."""
+    stub, stub_url = start_python("upstream_stub", [
+        "--host", "127.0.0.1", "--port", str(args.stub_port),
+        "--latency-scale", str(args.latency_scale)], show_logs=True)
+    started.append(stub)
+    print(f"* Upstream stub: {stub_url} (pid {stub.pid})")
+    return stub_url
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--proxy-port", type=int, default=int(os.environ.get("PROXY_PORT", 8080)))
@@ -100,11 +111,7 @@ def main() -> int:
                     "installed)" if binary.embedded else binary.version)
             print(f"* Redis: started {what}, pid {own_redis.pid} at {redis_url} "
                   f"(data in {own_redis.dir})")
-        stub, stub_url = start_python("upstream_stub", [
-            "--host", "127.0.0.1", "--port", str(args.stub_port),
-            "--latency-scale", str(args.latency_scale)], show_logs=True)
-        started.append(stub)
-        print(f"* Upstream stub: {stub_url} (pid {stub.pid})")
+        stub_url = start_stub(args, started)
         env = {"UPSTREAM_URL": stub_url, "REDIS_CACHE_URL": redis_url}
         admin_token = os.environ.get("CACHE_ADMIN_TOKEN") or DEV_ADMIN_TOKEN
         env["CACHE_ADMIN_TOKEN"] = admin_token
