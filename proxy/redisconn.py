@@ -56,6 +56,45 @@ class Breakers:
         return all(self.of(n).state is State.OPEN for n in nodes)
 
 
+
+class _Budget:
+    """A Redis call's deadline. When its timer fires late (by more than a tenth of the
+    budget), this process was busy and the reply may be waiting unread, or read but a few
+    loop turns from its caller: the call gets one more budget from then (a grace) instead
+    of failing, so that a burst or a busy CPU does not turn lookups into bypasses. Late by
+    more than half the budget, at either expiry, counts as starvation (``local-slow``)."""
+
+    __slots__ = ("_handle", "_loop", "_timeout", "deadline", "graced", "limit", "starved")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        self._loop = loop
+        self.limit = limit
+        self.deadline = loop.time() + limit
+        self.graced = False
+        self.starved = False  # an expiry came very late: local starvation, not Redis
+        self._timeout: asyncio.Timeout | None = None
+        self._handle: asyncio.TimerHandle | None = None
+
+    def arm(self, timeout: asyncio.Timeout) -> None:
+        self._timeout = timeout
+        self._handle = self._loop.call_at(self.deadline, self._fire)
+
+    def disarm(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        late = now - self.deadline
+        self.starved = self.starved or late > self.limit / 2
+        if late > self.limit / 10 and not self.graced:
+            self.graced = True
+            self.deadline = now + self.limit
+            self._handle = self._loop.call_at(self.deadline, self._fire)
+            return
+        assert self._timeout is not None
+        self._timeout.reschedule(now)  # expires at once: the call is cancelled
+
 class RedisConn:
     def __init__(self, cfg: RedisConfig, *, observer: OpObserver | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -125,10 +164,14 @@ class RedisConn:
         started = time.perf_counter()
         limit = budget_s or self.call_limit_s
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + limit
+        budget = _Budget(loop, limit)
         try:
-            async with asyncio.timeout(limit):
-                result = await fn()
+            async with asyncio.timeout(None) as timeout:
+                budget.arm(timeout)
+                try:
+                    result = await fn()
+                finally:
+                    budget.disarm()
         except RespError as e:
             if str(e).startswith("WRONGTYPE"):
                 breaker.success()
@@ -137,9 +180,10 @@ class RedisConn:
             kind = "oom" if str(e).startswith("OOM") else "response"
         except OSError as e:  # the lean connection's: ConnectionError, TimeoutError, ...
             kind = "timeout" if isinstance(e, TimeoutError) else "connection"
-            if kind == "timeout" and loop.time() - deadline > limit / 2:
-                # The timer fired long after its time: this process was starved (a burst,
-                # a busy CPU), not Redis slow. Counted, but it does not trip the breaker.
+            if kind == "timeout" and budget.starved:
+                # A timer that fired long after its time: this process was starved (a
+                # burst, a busy CPU), not Redis slow. Counted, but it does not trip the
+                # breaker.
                 kind = "local-slow"
         else:
             if breaker.state is not State.CLOSED:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -124,6 +125,24 @@ async def test_redis_faults_under_load(make_proxy: MakeProxy, redis_server: Redi
         "redis-timeout", "redis-connection", "redis-circuit-open",
         "redis-local-slow"}  # ... and bounded
     await caching_resumes(proxy)
+
+
+async def test_a_lookup_answered_while_this_process_was_starved_is_not_a_bypass(
+        make_proxy: MakeProxy, redis_server: RedisServer, stubctl: StubControl) -> None:
+    """Redis answers the lookup while this process is starved (its loop blocked longer than
+    the budget): the late timer gives the call one more budget, so the waiting reply is
+    read and the request is a hit, not a bypass counted as ``local-slow``."""
+    proxy = await make_proxy(redis={"timeout_ms": 200}, cache={"l1": {"max_mb": 0}})
+    await stubctl.program("warm", headers=[["Cache-Control", "max-age=600"]], body="kept")
+    assert (await proxy.get("/p/warm")).headers["X-Cache"] == "MISS"
+    redis_server.client().client_pause(150)  # the lookup's reply comes 150 ms after it
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.05, time.sleep, 0.6)  # meanwhile the loop is blocked: starved
+    resp = await proxy.get("/p/warm")
+    assert await resp.text() == "kept"
+    assert resp.headers["X-Cache"] == "HIT", resp.headers["Cache-Status"]
+    metrics = await (await proxy.get("/metrics")).text()
+    assert 'kind="local-slow"' not in metrics
 
 
 async def test_redis_out_of_memory(make_proxy: MakeProxy, redis_server: RedisServer) -> None:
