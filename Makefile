@@ -52,6 +52,9 @@ bench-parsers: setup
 bench-codecs: setup
 	$(BIN)/python -m bench.codecs
 
+bench-client: setup
+	$(BIN)/python -m bench.client
+
 # Minutes of users reading and writing through two proxies while Redis fails (bounded).
 soak: setup
 	scripts/system-deps.sh

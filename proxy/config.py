@@ -67,6 +67,9 @@ class UpstreamConfig:
     # itself (node and uvicorn after 5 s, Apache after 5 s): a request sent on a connection
     # the upstream is closing at that moment fails, and a write is never sent twice.
     keepalive_s: float = 4.0
+    # GETs without a body through the lean HTTP/1.1 client (``h1client``) rather than
+    # aiohttp's; an https:// URL or one with credentials always goes through aiohttp.
+    lean_client: bool = True
 
 
 RedisMode = Literal["single", "cluster", "sentinel"]
@@ -521,6 +524,7 @@ def _upstream(r: _Reader) -> UpstreamConfig:
         max_connections=r.integer("max_connections", d.max_connections, 1),
         queue_timeout_s=r.number("queue_timeout_s", d.queue_timeout_s, 0, exclusive_lo=True),
         keepalive_s=r.number("keepalive_s", d.keepalive_s, 0, exclusive_lo=True),
+        lean_client=r.flag("lean_client", d.lean_client),
     )
     r.done()
     return out

@@ -10,7 +10,7 @@ import time
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -24,6 +24,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .h1client import H1Pool, ReusedConnectionLost, request_head
 from .policy import HOP_BY_HOP, connection_listed
 
 Headers = list[tuple[str, str]]
@@ -75,6 +76,30 @@ class _ClientResponse(aiohttp.ClientResponse):
         return response
 
 
+class _Body(Protocol):
+    """A response's body and connection, from either client."""
+
+    async def read(self, n: int) -> bytes: ...  # b"" at the end
+    def release(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _AiohttpBody:
+    __slots__ = ("_resp",)
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+
+    async def read(self, n: int) -> bytes:
+        return await self._resp.content.read(n)
+
+    def release(self) -> None:
+        self._resp.release()
+
+    def close(self) -> None:
+        self._resp.close()
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
     status: int
@@ -82,18 +107,11 @@ class UpstreamResponse:
     headers: Headers
     request_time: float  # wall clock when the request was sent (RFC 9111 §4.2.3)
     response_time: float  # wall clock when the header section arrived
-    _resp: aiohttp.ClientResponse
+    content_length: int | None
+    interim: list[tuple[int, str, Headers]]  # 1xx received before this one (not 100, 101)
+    _body: _Body
     _free_slot: Callable[[], None]
     _released: bool = field(default=False)
-
-    @property
-    def interim(self) -> list[tuple[int, str, Headers]]:
-        """1xx responses received before this one (never 100 or 101)."""
-        return getattr(self._resp, "interim", [])
-
-    @property
-    def content_length(self) -> int | None:
-        return self._resp.content_length
 
     async def read_up_to(self, limit: int) -> tuple[bytes, bool]:
         """Read the body while it fits in ``limit`` bytes. Returns (bytes read, complete)."""
@@ -101,7 +119,7 @@ class UpstreamResponse:
         size = 0
         try:
             while True:
-                chunk = await self._resp.content.read(min(CHUNK, limit - size + 1))
+                chunk = await self._body.read(min(CHUNK, limit - size + 1))
                 if not chunk:
                     return b"".join(parts), True
                 parts.append(chunk)
@@ -117,7 +135,7 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The rest of the body as it arrives."""
         try:
-            async for chunk in self._resp.content.iter_chunked(CHUNK):
+            while chunk := await self._body.read(CHUNK):
                 yield chunk
         except asyncio.CancelledError:
             raise
@@ -129,14 +147,14 @@ class UpstreamResponse:
         """Return the connection to the pool (the body was read to the end)."""
         if not self._released:
             self._released = True
-            self._resp.release()
+            self._body.release()
             self._free_slot()
 
     def close(self) -> None:
         """Drop the connection (the body was not read to the end, or it broke)."""
         if not self._released:
             self._released = True
-            self._resp.close()
+            self._body.close()
             self._free_slot()
 
     def __del__(self) -> None:
@@ -144,6 +162,7 @@ class UpstreamResponse:
         if not self._released:
             self._released = True
             self._free_slot()
+            self._body.close()
 
 
 class Upstream:
@@ -155,6 +174,16 @@ class Upstream:
         self.via = via
         self._drop = HOP_BY_HOP | _REQUEST_DROP | frozenset(h.lower() for h in strip)
         self._session: aiohttp.ClientSession | None = None
+        parts = urlsplit(cfg.url)
+        self._prefix = parts.path
+        self._lean: H1Pool | None = None
+        self._lean_ok = cfg.lean_client and parts.scheme == "http" and not (
+            parts.username or parts.password)
+        host = parts.hostname or ""
+        port = parts.port or 80
+        self._addr = (host, port)
+        shown = f"[{host}]" if ":" in host else host
+        self._host = shown if port == 80 else f"{shown}:{port}"
         # One slot per upstream connection; a request that cannot get one within
         # queue_timeout_s is answered 503 instead of queueing without bound.
         self._slots = asyncio.Semaphore(cfg.max_connections)
@@ -178,8 +207,15 @@ class Upstream:
         # connection breaks (aio-libs/aiohttp#10790). Writes must reach the upstream exactly
         # once, so that is off; ``send`` retries only what RFC 9112 §9.3.1 allows.
         self._session._retry_connection = False
+        if self._lean_ok:
+            self._lean = H1Pool(*self._addr, connect_timeout_s=self.cfg.connect_timeout_s,
+                                read_timeout_s=self.cfg.timeout_s,
+                                keepalive_s=self.cfg.keepalive_s)
 
     async def close(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
+            self._lean = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -214,6 +250,8 @@ class Upstream:
         request_time = time.time()
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
+                if self._lean is not None and method == "GET" and body is None:
+                    return await self._lean_get(path_qs, headers, request_time)
                 resp = await self._request(method, URL(url, encoded=True), headers, body)
         except BaseException as e:
             self._slots.release()
@@ -222,7 +260,22 @@ class Upstream:
             raise _translate(e) from None
         headers_out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
         return UpstreamResponse(resp.status, resp.reason or "", headers_out, request_time,
-                                time.time(), resp, self._slots.release)
+                                time.time(), resp.content_length,
+                                getattr(resp, "interim", []), _AiohttpBody(resp),
+                                self._slots.release)
+
+    async def _lean_get(self, path_qs: str, headers: Headers,
+                        request_time: float) -> UpstreamResponse:
+        """A GET through the lean client; sent once more on a new connection when a
+        kept-alive one closed before any byte of its response (as ``_request``)."""
+        assert self._lean is not None
+        head = request_head("GET", self._prefix + path_qs, self._host, headers)
+        try:
+            r = await self._lean.request(head)
+        except ReusedConnectionLost:
+            r = await self._lean.request(head, fresh=True)
+        return UpstreamResponse(r.status, r.reason, r.headers, request_time, time.time(),
+                                r.content_length, r.interim, r, self._slots.release)
 
 
     async def _request(self, method: str, url: URL, headers: Headers,
