@@ -111,6 +111,11 @@ class Admin:
             n = await self.keyspace.flush()
         except StoreUnavailable as e:
             return error(503, "redis_unavailable", f"nothing was flushed: redis {e.kind}")
+        finally:
+            # This instance forgets at once, as a purge drops its tags here before Redis
+            # does: the announcement on the feed may still be on its way when the next
+            # request is answered (a busy run once served a HIT just after the flush).
+            self.flow.l1.on_flush()
         self.metrics.invalidated.labels("flush").inc(n)
         if self.flow.prewarmer is not None:
             self.flow.prewarmer.rewarm_soon("flush")
