@@ -78,6 +78,8 @@ class _Conn(asyncio.Protocol):
         self._reset()
 
     def _reset(self) -> None:
+        if getattr(self, "paused", False) and self.transport is not None:
+            self.transport.resume_reading()  # paused by the last body's read-ahead
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[H1Response] | None = None
         self.started = False  # a byte of this response arrived

@@ -1,11 +1,14 @@
-"""The upstream client: one pooled session, forwarded headers, timeouts, error translation.
+"""The upstream client: pooled connections, forwarded headers, timeouts, error translation.
 
-Knows HTTP, not caching. aiohttp exceptions leave this module as UpstreamError subclasses.
+Knows HTTP, not caching. GETs without a body go through the lean client of ``h1client``
+(``upstream.lean_client``), everything else through one aiohttp session; either way,
+failures leave this module as UpstreamError subclasses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -162,7 +165,8 @@ class UpstreamResponse:
         if not self._released:
             self._released = True
             self._free_slot()
-            self._body.close()
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                self._body.close()
 
 
 class Upstream:
