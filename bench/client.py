@@ -22,7 +22,7 @@ import yaml
 
 from tests.procs import ROOT, RedisServer, start_python, stop
 
-from .run import PAGE, _get
+from .run import PAGE, _get, proxy_env
 
 ROUNDS = 10
 PER_ROUND = 25
@@ -42,8 +42,7 @@ def main() -> int:
     try:
         stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
         procs.append(stub)
-        env = {"REDIS_CACHE_URL": redis.url(), "UPSTREAM_URL": stub_url, "LOG_LEVEL": "warning",
-               "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
+        env = proxy_env(redis.url(), stub_url)
         targets = {"direct": stub_url}
         pids = {}
         for name, lean in (("lean client", True), ("aiohttp client", False)):

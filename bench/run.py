@@ -41,6 +41,12 @@ STORED_PAGES = 300
 SEQUENTIAL = 60
 
 
+def proxy_env(redis_url: str, stub_url: str) -> dict[str, str]:
+    """The environment of a benchmarked proxy: its Redis, the stub, quiet logs."""
+    return {"REDIS_CACHE_URL": redis_url, "UPSTREAM_URL": stub_url, "LOG_LEVEL": "warning",
+            "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
+
+
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=HEADERS)
     with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
@@ -92,8 +98,7 @@ def _start(redis: RedisServer, cluster: RedisCluster, stub_url: str, tmp: Path,
            ) -> tuple[Procs, list[str]]:
     """Three proxies: the shipped config; the same with the L1 off; and that on a
     3-primary cluster."""
-    env = {"REDIS_CACHE_URL": redis.url(), "UPSTREAM_URL": stub_url, "LOG_LEVEL": "warning",
-           "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
+    env = proxy_env(redis.url(), stub_url)
     on_cluster = {**env, "REDIS_CACHE_URL": cluster.url(), "REDIS_MODE": "cluster"}
     cfg = yaml.safe_load((ROOT / "config.yaml").read_text())
     cfg.setdefault("cache", {})["l1"] = {"max_mb": 0}

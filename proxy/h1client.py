@@ -75,10 +75,11 @@ class _Conn(asyncio.Protocol):
         self.served = 0  # responses completed on this connection
         self.idle_timer: asyncio.TimerHandle | None = None
         self.lost = False
+        self.paused = False
         self._reset()
 
     def _reset(self) -> None:
-        if getattr(self, "paused", False) and self.transport is not None:
+        if self.paused and self.transport is not None:
             self.transport.resume_reading()  # paused by the last body's read-ahead
         self.parser = httptools.HttpResponseParser(self)
         self.head: asyncio.Future[H1Response] | None = None

@@ -174,18 +174,18 @@ class Upstream:
                  strip: Sequence[str] = ()) -> None:
         self.cfg = cfg
         self.base = cfg.url
-        self.netloc = urlsplit(cfg.url).netloc.lower()
+        parts = urlsplit(cfg.url)
+        self.netloc = parts.netloc.lower()
         self.via = via
         self._drop = HOP_BY_HOP | _REQUEST_DROP | frozenset(h.lower() for h in strip)
         self._session: aiohttp.ClientSession | None = None
-        parts = urlsplit(cfg.url)
         self._prefix = parts.path
         self._lean: H1Pool | None = None
-        self._lean_ok = cfg.lean_client and parts.scheme == "http" and not (
-            parts.username or parts.password)
         host = parts.hostname or ""
         port = parts.port or 80
-        self._addr = (host, port)
+        # Where the lean client connects; None when aiohttp's client sends everything.
+        self._lean_addr = (host, port) if cfg.lean_client and parts.scheme == "http" and not (
+            parts.username or parts.password) else None
         shown = f"[{host}]" if ":" in host else host
         self._host = shown if port == 80 else f"{shown}:{port}"
         # One slot per upstream connection; a request that cannot get one within
@@ -211,8 +211,8 @@ class Upstream:
         # connection breaks (aio-libs/aiohttp#10790). Writes must reach the upstream exactly
         # once, so that is off; ``send`` retries only what RFC 9112 §9.3.1 allows.
         self._session._retry_connection = False
-        if self._lean_ok:
-            self._lean = H1Pool(*self._addr, connect_timeout_s=self.cfg.connect_timeout_s,
+        if self._lean_addr is not None:
+            self._lean = H1Pool(*self._lean_addr, connect_timeout_s=self.cfg.connect_timeout_s,
                                 read_timeout_s=self.cfg.timeout_s,
                                 keepalive_s=self.cfg.keepalive_s)
 
@@ -245,7 +245,6 @@ class Upstream:
                    body: AsyncIterable[bytes] | bytes | None = None) -> UpstreamResponse:
         """Send a request; returns once the response header section has arrived."""
         assert self._session is not None, "Upstream.start() was not awaited"
-        url = self.base + path_qs
         try:
             async with asyncio.timeout(self.cfg.queue_timeout_s):
                 await self._slots.acquire()
@@ -256,7 +255,8 @@ class Upstream:
             async with asyncio.timeout(self.cfg.timeout_s):
                 if self._lean is not None and method == "GET" and body is None:
                     return await self._lean_get(path_qs, headers, request_time)
-                resp = await self._request(method, URL(url, encoded=True), headers, body)
+                resp = await self._request(method, URL(self.base + path_qs, encoded=True),
+                                           headers, body)
         except BaseException as e:
             self._slots.release()
             if isinstance(e, asyncio.CancelledError):
