@@ -43,13 +43,28 @@ class Entry:
     encoded: str = ""  # "gzip": the proxy compressed the body (the headers do not say so)
     # Derived once (policy.fresh_until): the hit path compares a clock with it, nothing more.
     fresh_until: float = field(init=False, compare=False, repr=False)
+    # The freshness facts, derived once: a fill asks for them three times before it answers.
+    _facts: StoredFacts = field(init=False, compare=False, repr=False)
     # The decompressed body of an encoded entry, once some client needed it.
     plain_memo: bytes | None = field(default=None, init=False, compare=False, repr=False)
     # What delivery prepares once per entry (the header section ready to copy), by variant.
     ready: dict[str, Any] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "fresh_until", fresh_until(self.facts()))
+        facts = StoredFacts(
+            initial_age=self.initial_age,
+            response_time=self.response_time,
+            lifetime=self.lifetime,
+            stale_while_revalidate=self.stale_while_revalidate,
+            stale_if_error=self.stale_if_error,
+            no_cache=self.no_cache,
+            forbid_stale=self.forbid_stale,
+            has_validators=get_first(self.headers, "etag") is not None or
+            get_first(self.headers, "last-modified") is not None,
+            purged_at=self.purged_at,
+        )
+        object.__setattr__(self, "_facts", facts)
+        object.__setattr__(self, "fresh_until", fresh_until(facts))
 
     def plain(self) -> bytes:
         """The body as the upstream sent it."""
@@ -66,21 +81,22 @@ class Entry:
 
     @property
     def has_validators(self) -> bool:
-        return get_first(self.headers, "etag") is not None or \
-            get_first(self.headers, "last-modified") is not None
+        return self._facts.has_validators
 
     def facts(self) -> StoredFacts:
-        return StoredFacts(
-            initial_age=self.initial_age,
-            response_time=self.response_time,
-            lifetime=self.lifetime,
-            stale_while_revalidate=self.stale_while_revalidate,
-            stale_if_error=self.stale_if_error,
-            no_cache=self.no_cache,
-            forbid_stale=self.forbid_stale,
-            has_validators=self.has_validators,
-            purged_at=self.purged_at,
-        )
+        return self._facts
+
+    def with_body(self, body: bytes, encoded: str = "") -> Entry:
+        """The same response with another body (``encoded``: how the proxy encoded it).
+        Cheaper than ``dataclasses.replace``, which a fill would pay before its answer."""
+        return Entry(status=self.status, headers=self.headers, body=body,
+                     request_time=self.request_time, response_time=self.response_time,
+                     initial_age=self.initial_age, lifetime=self.lifetime,
+                     stale_while_revalidate=self.stale_while_revalidate,
+                     stale_if_error=self.stale_if_error, no_cache=self.no_cache,
+                     forbid_stale=self.forbid_stale, url=self.url, route=self.route,
+                     tags=self.tags, vary=self.vary, purged_at=self.purged_at,
+                     encoded=encoded)
 
     def age(self, now: float) -> float:
         """Current age (RFC 9111 §4.2.3)."""

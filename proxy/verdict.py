@@ -134,10 +134,10 @@ def on_body(store: Store, body: bytes, complete: bool, *,
         return Uncacheable("too-large")
     entry = store.entry
     if encoding.worth_compressing(entry.headers, body, compress_min_bytes):
-        packed = replace(entry, body=encoding.compress(body), encoded=encoding.GZIP)
+        packed = entry.with_body(encoding.compress(body), encoding.GZIP)
         packed.remember_plain(body)
         return Store(packed, store.ttl)
-    return Store(replace(entry, body=body), store.ttl)
+    return Store(entry.with_body(body, entry.encoded), store.ttl)
 
 
 def on_error(keyed: Keyed, stale: Entry | None, error: UpstreamError,

@@ -211,6 +211,15 @@ def test_fetch_verdict(status: int, headers: list[tuple[str, str]], stale: str |
     assert shown == expected
 
 
+def test_an_entry_with_another_body_keeps_every_other_field() -> None:
+    # with_body replaces dataclasses.replace on the fill path: a field it forgot would be lost.
+    e = replace(entry("max-age=10, stale-if-error=60", age=5, etag=True), purged_at=NOW,
+                vary=(("accept-language", "de"),), encoded="gzip")
+    other = e.with_body(b"other", "")
+    assert other == replace(e, body=b"other", encoded="")
+    assert other.facts() == e.facts() and other.fresh_until == e.fresh_until
+
+
 def test_revalidated_entry_takes_the_304s_fields_but_keeps_the_body() -> None:
     old = entry("max-age=10", age=20, etag=True)
     v = verdict.on_response(keyed(), Head(304, [("ETag", '"v1"'), (CC, "max-age=600"),
