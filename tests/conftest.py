@@ -3,8 +3,10 @@ built from a config dict pointing at both."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -30,6 +32,7 @@ BOB = {"Authorization": "Bearer bob-token"}
 ROOT = {"Authorization": "Bearer root-token"}
 
 MakeProxy = Callable[..., Awaitable[TestClient[Any, Any]]]
+MakeOrigin = Callable[..., Awaitable["Origin"]]
 
 
 @pytest.fixture
@@ -45,6 +48,52 @@ def redis_server() -> Iterator[RedisServer]:
 async def stub(aiohttp_server: Any) -> TestServer:
     server: TestServer = await aiohttp_server(create_stub(latency_scale=0))
     return server
+
+
+@dataclass
+class Origin:
+    """A scripted upstream on a loopback port, for what the stub cannot send (raw framings,
+    interim responses, broken HTTP): ``reply(request_head)`` gives the bytes to send back;
+    it records every request head and every connection's end."""
+
+    reply: Callable[[bytes], bytes]
+    port: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    closed: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    close_after_reply: bool = False
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                writer.write(self.reply(head))
+                await writer.drain()
+                if self.close_after_reply:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self.closed.put_nowait(None)
+
+
+@pytest.fixture
+async def origin_server() -> AsyncIterator[MakeOrigin]:
+    servers: list[asyncio.Server] = []
+
+    async def start(reply: Callable[[bytes], bytes], **kw: Any) -> Origin:
+        origin = Origin(reply, **kw)
+        server = await asyncio.start_server(origin.handle, "127.0.0.1", 0)
+        origin.port = server.sockets[0].getsockname()[1]
+        servers.append(server)
+        return origin
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 class StubControl:

@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import UPSTREAM
 
-from .conftest import ALICE, BOB, ENTRY_KEYS, MakeProxy, StubControl
+from .conftest import ALICE, BOB, ENTRY_KEYS, MakeOrigin, MakeProxy, StubControl
 from .procs import RedisServer, start_python, stop
 
 PATHS = ["/sessions", "/rules", "/summary?session_id=alice-s1",
@@ -203,17 +203,6 @@ async def test_corrupt_and_wrong_type_entries_are_misses_and_removed(
 
 # -- upstream faults ------------------------------------------------------------------------------
 
-async def _garbage_server(reply: bytes) -> tuple[asyncio.Server, int]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(65536)
-        writer.write(reply)
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
-
-
 @pytest.mark.parametrize("reply", [
     b"NOT HTTP AT ALL\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nhello",
@@ -222,23 +211,20 @@ async def _garbage_server(reply: bytes) -> tuple[asyncio.Server, int]:
     b"",
 ])
 async def test_malformed_upstream_responses(make_proxy: MakeProxy, redis_server: RedisServer,
-                                            reply: bytes) -> None:
-    server, port = await _garbage_server(reply)
-    try:
-        proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{port}"},
-                                 routes=[{"name": "all", "match": "GET /*", "mode": "override",
-                                          "ttl_s": 60, "scope": "public"}])
-        for _ in range(3):
-            resp = await proxy.get("/anything")
-            assert resp.status == 502
-            assert (await resp.json())["error"] == "upstream_broken"
-        assert not list(redis_server.client().scan_iter(match=ENTRY_KEYS))
-        assert proxy.app is not None
-        upstream = proxy.app[UPSTREAM]
-        assert upstream._slots._value == upstream.cfg.max_connections  # no slot leaked
-    finally:
-        server.close()
-        await server.wait_closed()
+                                            origin_server: MakeOrigin, reply: bytes) -> None:
+    origin = await origin_server(lambda _: reply, close_after_reply=True)
+    proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{origin.port}"},
+                             routes=[{"name": "all", "match": "GET /*", "mode": "override",
+                                      "ttl_s": 60, "scope": "public"}])
+    for _ in range(3):
+        resp = await proxy.get("/anything")
+        assert resp.status == 502
+        assert (await resp.json())["error"] == "upstream_broken"
+    assert len(origin.heads) == 3  # each request reached it: nothing was stored
+    assert not list(redis_server.client().scan_iter(match=ENTRY_KEYS))
+    assert proxy.app is not None
+    upstream = proxy.app[UPSTREAM]
+    assert upstream._slots._value == upstream.cfg.max_connections  # no slot leaked
 
 
 async def test_upstream_connection_cap(make_proxy: MakeProxy, stubctl: StubControl) -> None:

@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from proxy.app import FLOW
 
-from .conftest import ALICE, BOB, ENTRY_KEYS, MakeProxy, StubControl
+from .conftest import ALICE, BOB, ENTRY_KEYS, MakeOrigin, MakeProxy, StubControl
 from .procs import RedisServer
 
 ETAG = '"v1"'
@@ -405,41 +405,31 @@ async def test_write_invalidates_every_scope_and_variant(make_proxy: MakeProxy,
 # -- pass-through ---------------------------------------------------------------------------------
 
 async def test_interim_responses_pass_through(make_proxy: MakeProxy,
-                                              redis_server: RedisServer) -> None:
-    async def upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while await reader.readuntil(b"\r\n\r\n"):
-            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
-                         b"HTTP/1.1 102 Processing\r\n\r\n"
-                         b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n"
-                         b"Content-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    server = await asyncio.start_server(upstream, "127.0.0.1", 0)
-    try:
-        port = server.sockets[0].getsockname()[1]
-        proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{port}"},
-                                 routes=[{"name": "all", "match": "GET /*", "mode": "honor"}])
-        reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
-        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-        await writer.drain()
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 10)
-        writer.close()
-        assert head.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
-                               b"\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\n")
-        hit = await proxy.get("/x")  # the final response was stored, the hints were not
-        assert hit.headers["X-Cache"] == "HIT"
-        assert await hit.text() == "ok"
-        # An HTTP/1.0 client is never sent 1xx (RFC 9110 §15.2).
-        reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
-        writer.write(b"GET /y HTTP/1.0\r\nHost: a\r\n\r\n")
-        await writer.drain()
-        old = await asyncio.wait_for(reader.read(), 10)
-        writer.close()
-        assert old.split(b"\r\n", 1)[0].endswith(b" 200 OK")
-        assert b" 103 " not in old
-    finally:
-        server.close()
-        await server.wait_closed()
+                                              origin_server: MakeOrigin) -> None:
+    origin = await origin_server(lambda _: (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 102 Processing\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 2\r\n\r\nok"))
+    proxy = await make_proxy(upstream={"url": f"http://127.0.0.1:{origin.port}"},
+                             routes=[{"name": "all", "match": "GET /*", "mode": "honor"}])
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                           b"\r\nHTTP/1.1 102 Processing\r\n\r\nHTTP/1.1 200 OK\r\n")
+    hit = await proxy.get("/x")  # the final response was stored, the hints were not
+    assert hit.headers["X-Cache"] == "HIT"
+    assert await hit.text() == "ok"
+    # An HTTP/1.0 client is never sent 1xx (RFC 9110 §15.2).
+    reader, writer = await asyncio.open_connection(proxy.server.host, proxy.server.port)
+    writer.write(b"GET /y HTTP/1.0\r\nHost: a\r\n\r\n")
+    await writer.drain()
+    old = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert old.split(b"\r\n", 1)[0].endswith(b" 200 OK")
+    assert b" 103 " not in old
 
 
 KEPT_FIELDS = [  # end-to-end fields a cache stores and delivers as the upstream sent them

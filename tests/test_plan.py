@@ -217,7 +217,8 @@ def test_an_entry_with_another_body_keeps_every_other_field() -> None:
                 vary=(("accept-language", "de"),), encoded="gzip")
     other = e.with_body(b"other", "")
     assert other == replace(e, body=b"other", encoded="")
-    assert other.facts() == e.facts() and other.fresh_until == e.fresh_until
+    assert other.facts() == e.facts()
+    assert other.fresh_until == e.fresh_until
 
 
 def test_revalidated_entry_takes_the_304s_fields_but_keeps_the_body() -> None:

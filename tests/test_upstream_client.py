@@ -7,62 +7,14 @@ client got and what the upstream received: the two must not differ."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 
 from proxy.app import UPSTREAM
 
-from .conftest import MakeProxy
+from .conftest import MakeOrigin, MakeProxy
 
 ROUTES = [{"name": "all", "match": "GET /*", "mode": "honor", "scope": "public"}]
-
-
-@dataclass
-class Origin:
-    """A scripted upstream: ``reply(request_head)`` gives the bytes to send back; it records
-    every request head and every connection's end."""
-
-    reply: Callable[[bytes], bytes]
-    port: int = 0
-    heads: list[bytes] = field(default_factory=list)
-    connections: int = 0
-    closed: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
-    close_after_reply: bool = False
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                self.heads.append(head)
-                writer.write(self.reply(head))
-                await writer.drain()
-                if self.close_after_reply:
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            self.closed.put_nowait(None)
-
-
-@pytest.fixture
-async def origin_server() -> AsyncIterator[Callable[..., Awaitable[Origin]]]:
-    servers: list[asyncio.Server] = []
-
-    async def start(reply: Callable[[bytes], bytes], **kw: Any) -> Origin:
-        origin = Origin(reply, **kw)
-        server = await asyncio.start_server(origin.handle, "127.0.0.1", 0)
-        origin.port = server.sockets[0].getsockname()[1]
-        servers.append(server)
-        return origin
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def _fields(head: bytes) -> list[tuple[str, str]]:
@@ -85,7 +37,7 @@ FRAMINGS = {
 @pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("framing", list(FRAMINGS))
 async def test_each_framing_arrives_whole_and_is_stored(
-        make_proxy: MakeProxy, origin_server: Callable[..., Awaitable[Origin]],
+        make_proxy: MakeProxy, origin_server: MakeOrigin,
         lean: bool, framing: str) -> None:
     raw, body = FRAMINGS[framing]
     origin = await origin_server(lambda _: raw, close_after_reply=framing.startswith("http/1.0"))
@@ -101,7 +53,7 @@ async def test_each_framing_arrives_whole_and_is_stored(
 
 @pytest.mark.parametrize("lean", [True, False])
 async def test_what_the_upstream_receives_is_the_same_with_either_client(
-        make_proxy: MakeProxy, origin_server: Callable[..., Awaitable[Origin]],
+        make_proxy: MakeProxy, origin_server: MakeOrigin,
         lean: bool) -> None:
     """Request line, Host (from the upstream URL, with its path prefix), forwarded and
     dropped fields: byte for byte what aiohttp's client sends, non-ASCII values included."""
@@ -128,7 +80,7 @@ async def test_what_the_upstream_receives_is_the_same_with_either_client(
 
 @pytest.mark.parametrize("lean", [True, False])
 async def test_a_body_too_large_to_store_streams_through(
-        make_proxy: MakeProxy, origin_server: Callable[..., Awaitable[Origin]],
+        make_proxy: MakeProxy, origin_server: MakeOrigin,
         lean: bool) -> None:
     """Bigger than ``cache.max_body_bytes`` and than the lean client's read-ahead (it stops
     reading from the upstream until the client takes what is buffered): the client gets
@@ -150,7 +102,7 @@ async def test_a_body_too_large_to_store_streams_through(
 
 @pytest.mark.parametrize("lean", [True, False])
 async def test_idle_upstream_connections_close_after_keepalive(
-        make_proxy: MakeProxy, origin_server: Callable[..., Awaitable[Origin]],
+        make_proxy: MakeProxy, origin_server: MakeOrigin,
         lean: bool) -> None:
     origin = await origin_server(
         lambda _: b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 2\r\n\r\nok")
@@ -165,7 +117,7 @@ async def test_idle_upstream_connections_close_after_keepalive(
 
 
 async def test_an_upstream_sending_what_was_not_asked_for_is_not_reused(
-        make_proxy: MakeProxy, origin_server: Callable[..., Awaitable[Origin]]) -> None:
+        make_proxy: MakeProxy, origin_server: MakeOrigin) -> None:
     """Bytes after a complete response (a second response nobody asked for) put the
     connection out of step: it is closed, and the next request gets its own answer."""
     replies = iter([b"HTTP/1.1 200 OK\r\nCache-Control: no-store\r\nContent-Length: 3\r\n\r\none"
