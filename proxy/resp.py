@@ -29,14 +29,21 @@ class RespError(Exception):
 
 
 def pack(args: Sequence[Arg]) -> bytes:
-    """A command in RESP: an array of bulk strings."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n" % len(b))
-        out.append(b)
-        out.append(b"\r\n")
-    return b"".join(out)
+    """A command in RESP: an array of bulk strings. hiredis encodes it in C; what it does not
+    take (a bool, say) is encoded here, as before hiredis did it."""
+    try:
+        # (hiredis's stub types the argument as a 1-tuple: any tuple is meant.)
+        packed: bytes = hiredis.pack_command(cast(Any, args if type(args) is tuple
+                                                  else tuple(args)))
+        return packed
+    except TypeError:
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b"$%d\r\n" % len(b))
+            out.append(b)
+            out.append(b"\r\n")
+        return b"".join(out)
 
 
 class _Protocol(asyncio.Protocol):
@@ -104,7 +111,19 @@ class Client:
     async def call_many(self, commands: Sequence[Sequence[Arg]]) -> list[Any]:
         """Replies in order; an error reply is returned in its place, not raised."""
         proto = await self._connection(next(self._turn))
-        return list(await asyncio.gather(*proto.send(commands)))
+        futs = proto.send(commands)
+        # Awaited one by one rather than gathered: replies arrive in order, and a gather
+        # costs a future and a loop turn more per call. A lost connection fails them all
+        # at once (``_fail``); the first failure is raised, the others are marked seen.
+        try:
+            return [await fut for fut in futs]
+        except BaseException:
+            for fut in futs:
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
+                else:
+                    fut.cancel()
+            raise
 
     async def _connection(self, i: int) -> _Protocol:
         proto = self._slots[i]

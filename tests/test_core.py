@@ -13,6 +13,8 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from proxy.app import FLOW
+from proxy.redisconn import node_of
+from proxy.resp import Client
 
 from .conftest import ALICE, BOB, ENTRY_KEYS, OUR_KEYS, MakeProxy, StubControl, settled
 from .procs import RedisServer
@@ -367,3 +369,18 @@ async def test_request_id_is_passed_on_and_returned(proxy: TestClient[Any, Any],
     assert resp.headers["X-Request-ID"] == "req-123"
     [got] = await stubctl.received("rid")
     assert ["X-Request-ID", "req-123"] in got["headers"]
+
+
+async def test_commands_reach_redis_byte_for_byte(redis_server: RedisServer) -> None:
+    # The proxy's own RESP connection encodes every argument it sends (hiredis in C, a
+    # fallback for what hiredis refuses): each value must arrive as the text or bytes meant.
+    client = Client(node_of(redis_server.url()), db=1, connect_timeout_s=2)
+    values: dict[str, Any] = {"float": 0.1, "big": 12345678901234567890, "neg": -3,
+                              "text": "Zoë ✓", "bytes": b"\x00\xff\r\n", "bool": True,
+                              "huge": 1e20}
+    replies = await client.call_many([("SET", f"t:{k}", v) for k, v in values.items()])
+    assert replies == [b"OK"] * len(values)
+    assert await client.call("MGET", *[f"t:{k}" for k in values]) == [
+        b"0.1", b"12345678901234567890", b"-3", "Zoë ✓".encode(), b"\x00\xff\r\n", b"True",
+        b"1e+20"]
+    await client.close()

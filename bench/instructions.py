@@ -1,0 +1,154 @@
+"""``make bench-instructions``: what one request costs in CPU instructions (valgrind's
+callgrind), a number that does not move with how busy or how fast the machine is. Latency on
+this shared machine swings by a fifth from run to run; instructions repeat to about 0.1 %, so
+they show a change of the hot paths that latency cannot.
+
+Starts a private redis-server and the stub (no latency), then, each under callgrind in turn,
+the ceiling (``bench/ceiling.py``, the proxy's cached answer as a constant body) and the
+proxy with config.yaml. For each: warm up, dump the counters, send COUNT sequential requests
+(a connection each, as the side-by-side benchmark's misses), dump again; the second dump
+over COUNT is the cost of one request, the process's background tasks included. Prints the
+ceiling's answer, a proxy hit from the L1 and a proxy miss (a URL of its own, its store
+after the answer included), with ratios to the ceiling, and writes
+bench/results/instructions.json. Needs valgrind. Loopback only; bounded in count.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tests.procs import ROOT, RedisServer, start_python, stop, wait_for_line
+
+from .run import HEADERS, PAGE, proxy_env
+
+COUNT = 200
+WARM = 30
+DUMP_TIMEOUT_S = 120.0
+
+
+class Counted:
+    """A server under callgrind, whose counters are dumped on demand."""
+
+    def __init__(self, module: str, args: list[str], env: dict[str, str], out: Path) -> None:
+        self.out = out
+        self.proc = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+             "-m", module, *args], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            line = wait_for_line(self.proc, b"LISTENING ", timeout=180)
+        except BaseException:
+            stop(self.proc)
+            raise
+        url = urlsplit(line.split(b"LISTENING ", 1)[1].strip().decode())
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.dumps = 0
+
+    def get(self, target: str) -> None:
+        """One request on a connection of its own."""
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        try:
+            conn.request("GET", target, headers=HEADERS)
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200, (target, resp.status)
+        finally:
+            conn.close()
+
+    def dump(self, wake: str) -> int:
+        """Dump the counters; the instructions since the last dump. Valgrind reads the
+        command only while the process runs, so ``wake`` requests are sent until it did."""
+        ctl = subprocess.Popen(["callgrind_control", "-d", str(self.proc.pid)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + DUMP_TIMEOUT_S
+        while ctl.poll() is None:
+            if time.monotonic() > deadline:
+                ctl.kill()
+                raise TimeoutError("callgrind_control did not return")
+            time.sleep(0.2)
+            self.get(wake)
+        self.dumps += 1
+        path = Path(f"{self.out}.{self.dumps}")
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("summary:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no summary in {path}")
+
+    def per_request(self, targets: list[str], wake: str) -> float:
+        self.dump(wake)
+        for target in targets:
+            self.get(target)
+        return self.dump(wake) / len(targets)
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+def main() -> int:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("make bench-instructions needs valgrind (Debian: apt-get install valgrind)",
+              file=sys.stderr)
+        return 2
+    redis = RedisServer().start()
+    tmp = Path(tempfile.mkdtemp(prefix="jsoncache-bench-instr-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    counted: list[Counted] = []
+    try:
+        stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
+        procs.append(stub)
+        proxy = Counted("proxy", ["--config", str(ROOT / "config.yaml"), "--port", "0"],
+                        proxy_env(redis.url(), stub_url), tmp / "proxy.cg")
+        counted.append(proxy)
+        for i in range(WARM):
+            proxy.get(f"{PAGE}&warm={i}")
+        proxy.get(PAGE)
+        hits = proxy.per_request([PAGE] * COUNT, wake=PAGE)
+        misses = proxy.per_request([f"{PAGE}&miss={i}" for i in range(COUNT)], wake=PAGE)
+        conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
+        conn.request("GET", PAGE, headers=HEADERS)
+        resp = conn.getresponse()
+        body = resp.read()
+        kept = {k: v for k, v in resp.getheaders()
+                if k.lower() not in ("content-length", "date", "server")}
+        conn.close()
+        proxy.close()
+        (tmp / "body").write_bytes(body)
+        ceiling = Counted("bench.ceiling", ["--body", str(tmp / "body"), "--headers",
+                                            json.dumps(kept)], {}, tmp / "ceiling.cg")
+        counted.append(ceiling)
+        for _ in range(WARM):
+            ceiling.get(PAGE)
+        base = ceiling.per_request([PAGE] * COUNT, wake=PAGE)
+    finally:
+        for c in counted:
+            c.close()
+        for p in procs:
+            stop(p)
+        redis.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [("ceiling: constant body, web.Response per request", base),
+            ("proxy hit (L1)", hits),
+            ("proxy miss, a URL of its own (its store included)", misses)]
+    print(f"instructions per request (callgrind), {COUNT} sequential requests, "
+          "a connection each:")
+    print("| request | instructions | vs ceiling |\n|---|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value:,.0f} | {value / base:.2f} |")
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "instructions.json").write_text(json.dumps(
+        {"count": COUNT, "ceiling": base, "hit": hits, "miss": misses}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
