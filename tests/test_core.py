@@ -378,9 +378,11 @@ async def test_commands_reach_redis_byte_for_byte(redis_server: RedisServer) -> 
     values: dict[str, Any] = {"float": 0.1, "big": 12345678901234567890, "neg": -3,
                               "text": "Zoë ✓", "bytes": b"\x00\xff\r\n", "bool": True,
                               "huge": 1e20}
-    replies = await client.call_many([("SET", f"t:{k}", v) for k, v in values.items()])
-    assert replies == [b"OK"] * len(values)
-    assert await client.call("MGET", *[f"t:{k}" for k in values]) == [
-        b"0.1", b"12345678901234567890", b"-3", "Zoë ✓".encode(), b"\x00\xff\r\n", b"True",
-        b"1e+20"]
-    await client.close()
+    try:
+        replies = await client.call_many([("SET", f"t:{k}", v) for k, v in values.items()])
+        assert replies == [b"OK"] * len(values)
+        assert await client.call("MGET", *[f"t:{k}" for k in values]) == [
+            b"0.1", b"12345678901234567890", b"-3", "Zoë ✓".encode(), b"\x00\xff\r\n",
+            b"True", b"1e+20"]
+    finally:
+        await client.close()
