@@ -15,7 +15,6 @@ bench/results/instructions.json. Needs valgrind. Loopback only; bounded in count
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import shutil
@@ -24,11 +23,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from tests.procs import ROOT, RedisServer, start_python, stop, wait_for_line
 
-from .run import HEADERS, PAGE, proxy_env
+from .run import PAGE, _get, ceiling_headers, proxy_env
 
 COUNT = 200
 WARM = 30
@@ -49,20 +47,14 @@ class Counted:
         except BaseException:
             stop(self.proc)
             raise
-        url = urlsplit(line.split(b"LISTENING ", 1)[1].strip().decode())
-        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.url = line.split(b"LISTENING ", 1)[1].strip().decode()
         self.dumps = 0
 
-    def get(self, target: str) -> None:
-        """One request on a connection of its own."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-        try:
-            conn.request("GET", target, headers=HEADERS)
-            resp = conn.getresponse()
-            resp.read()
-            assert resp.status == 200, (target, resp.status)
-        finally:
-            conn.close()
+    def get(self, target: str) -> tuple[dict[str, str], bytes]:
+        """One request on a connection of its own: the headers and body of a 200."""
+        status, headers, body = _get(self.url + target)
+        assert status == 200, (target, status)
+        return headers, body
 
     def dump(self, wake: str) -> int:
         """Dump the counters; the instructions since the last dump. Valgrind reads the
@@ -113,17 +105,12 @@ def main() -> int:
         proxy.get(PAGE)
         hits = proxy.per_request([PAGE] * COUNT, wake=PAGE)
         misses = proxy.per_request([f"{PAGE}&miss={i}" for i in range(COUNT)], wake=PAGE)
-        conn = http.client.HTTPConnection(proxy.host, proxy.port, timeout=60)
-        conn.request("GET", PAGE, headers=HEADERS)
-        resp = conn.getresponse()
-        body = resp.read()
-        kept = {k: v for k, v in resp.getheaders()
-                if k.lower() not in ("content-length", "date", "server")}
-        conn.close()
+        headers, body = proxy.get(PAGE)
         proxy.close()
         (tmp / "body").write_bytes(body)
         ceiling = Counted("bench.ceiling", ["--body", str(tmp / "body"), "--headers",
-                                            json.dumps(kept)], {}, tmp / "ceiling.cg")
+                                            json.dumps(ceiling_headers(headers))],
+                          {}, tmp / "ceiling.cg")
         counted.append(ceiling)
         for _ in range(WARM):
             ceiling.get(PAGE)

@@ -47,6 +47,12 @@ def proxy_env(redis_url: str, stub_url: str) -> dict[str, str]:
             "CACHE_KEY_SECRET": "bench-only-secret-0123456789"}
 
 
+def ceiling_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The proxy's answer's headers for the ceiling to send, less those aiohttp sets itself."""
+    return {k: v for k, v in headers.items()
+            if k.lower() not in ("content-length", "date", "server")}
+
+
 def _get(url: str) -> tuple[int, dict[str, str], bytes]:
     req = urllib.request.Request(url, headers=HEADERS)
     with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
@@ -133,8 +139,7 @@ def main() -> int:
             status, headers, body = _get(base + PAGE)
             assert (status, headers.get("X-Cache")) == (200, "HIT"), headers
         (tmp / "body").write_bytes(body)
-        kept = {k: v for k, v in headers.items()
-                if k.lower() not in ("content-length", "date", "server")}
+        kept = ceiling_headers(headers)
         ceiling, ceiling_url = start_python("bench.ceiling", [
             "--body", str(tmp / "body"), "--headers", json.dumps(kept)])
         procs.append(ceiling)
