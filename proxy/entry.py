@@ -1,6 +1,7 @@
 """A stored response and its compact form in the store. Pure: no I/O.
 
-An entry is kept in Redis as a hash with the fields ``m`` (metadata, JSON), ``b`` (the body,
+An entry is kept in Redis as a hash with the fields ``m`` (metadata: JSON, deflated against a
+preset dictionary, see ``pack_meta``), ``b`` (the body,
 raw bytes, never re-encoded), ``g`` (its tags' generations, written and read by the store's
 scripts only) and, after a soft purge, ``p`` (the purge time in milliseconds).
 A primary key whose responses ``Vary`` holds a marker instead: a hash with the field ``v``
@@ -11,15 +12,41 @@ A primary key whose responses ``Vary`` holds a marker instead: a hash with the f
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from isal import isal_zlib
 
 from .encoding import decompress
 from .errors import EntryCorrupt
 from .policy import StoredFacts, current_age, fresh_until, get_first
 
 FORMAT_VERSION = 1
+
+# The metadata is stored deflated (raw deflate) against a preset dictionary of what nearly every
+# entry's metadata repeats: its JSON keys in order, common header names and values, the
+# implicit tags. For the stub's 100-item page that is 629 -> 238 bytes, a tenth of what the
+# entry holds. The first byte names the dictionary; metadata that starts with "{" is plain JSON
+# (what earlier versions stored) and is still read. Never edit a dictionary: entries deflated
+# with it must stay readable; a better one gets a marker of its own.
+META_DEFLATED_1 = b"\x01"
+META_DICT_1 = (
+    b'"Content-Language","Content-Location","Link","Access-Control-Allow-Origin","*"],'
+    b'["Expires","Last-Modified","Vary","Accept, Accept-Encoding","Content-Encoding","gzip"],'
+    b'["X-Request-ID","Age","0"],["Pragma","no-cache"],["Cache-Control","public, max-age=60'
+    b', s-maxage=","stale-while-revalidate=","stale-if-error=","must-revalidate","no-cache",'
+    b'"private, max-age=","Jan 20","Feb 20","Mar 20","Apr 20","May 20","Jun 20","Jul 20",'
+    b'"Aug 20","Sep 20","Oct 20","Nov 20","Dec 20","Mon, ","Tue, ","Wed, ","Thu, ","Fri, ",'
+    b'"Sat, ","Sun, ","nginx","Python/3 aiohttp/3","~scope:","~path:/","~route:","url:"'
+    b'{"v":1,"s":200,"h":[["Content-Type","application/json; charset=utf-8"],["ETag","W/\\"'
+    b'"],["Cache-Control","private"],["Date","'
+    b' GMT"],["Server","'
+    b'"]],"rq":1,"rs":1,"ia":0.0,"lt":300.0,"swr":0.0,"sie":0.0,"nc":false,"fs":false,"u":"/'
+    b'","r":"","t":["url:","~route:","~scope:","~path:/","vy":[],"ce":"gzip"}'
+)
+_META_MAX = 1 << 20  # a metadata that inflates beyond this is corrupt, not read on
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +130,10 @@ class Entry:
         return current_age(self.initial_age, self.response_time, now)
 
     def meta_bytes(self) -> bytes:
+        """The metadata as stored: JSON, deflated (``pack_meta``)."""
+        return pack_meta(self.meta_json())
+
+    def meta_json(self) -> bytes:
         return json.dumps({
             "v": FORMAT_VERSION,
             "s": self.status,
@@ -158,7 +189,7 @@ def decode(fields: Mapping[bytes, bytes]) -> Stored | None:
 def decode_entry(meta_raw: bytes, body: bytes, purged_at: float | None) -> Entry:
     """An entry from its metadata and body; EntryCorrupt when the metadata is unusable."""
     try:
-        m = json.loads(meta_raw)
+        m = json.loads(unpack_meta(meta_raw))
         if m.get("v") != FORMAT_VERSION:
             raise EntryCorrupt(f"unknown entry format {m.get('v')!r}")
         return Entry(
@@ -182,5 +213,25 @@ def decode_entry(meta_raw: bytes, body: bytes, purged_at: float | None) -> Entry
         )
     except EntryCorrupt:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, zlib.error) as e:
         raise EntryCorrupt(f"undecodable entry: {type(e).__name__}") from None
+
+
+def pack_meta(meta_json: bytes) -> bytes:
+    # ISA-L at level 1, as for bodies: ~81k instructions a fill against 139k for zlib at
+    # level 6 (237 against 231 bytes). Read back with zlib: plain raw deflate either way.
+    c = isal_zlib.compressobj(1, isal_zlib.DEFLATED, -15, zdict=META_DICT_1)
+    return META_DEFLATED_1 + c.compress(meta_json) + c.flush()
+
+
+def unpack_meta(meta_raw: bytes) -> bytes:
+    """The metadata's JSON; EntryCorrupt for a marker this version does not know."""
+    if meta_raw[:1] == b"{":
+        return meta_raw
+    if meta_raw[:1] != META_DEFLATED_1:
+        raise EntryCorrupt("unknown metadata encoding")
+    d = zlib.decompressobj(-15, zdict=META_DICT_1)  # the largest window reads any
+    plain = d.decompress(memoryview(meta_raw)[1:], _META_MAX)
+    if not d.eof or d.unconsumed_tail or d.unused_data:
+        raise EntryCorrupt("truncated, oversized or trailing metadata")
+    return plain

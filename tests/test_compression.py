@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proxy import encoding
+from proxy.entry import unpack_meta
 
 from .conftest import ENTRY_KEYS, MakeProxy, StubControl, settled
 from .procs import RedisServer
@@ -56,7 +57,7 @@ async def test_json_is_stored_gzipped_and_sent_as_stored_to_gzip_clients(
     [entry] = stored(redis_server)
     assert entry[b"b"].startswith(b"\x1f\x8b")  # gzip in Redis
     assert len(entry[b"b"]) < len(BIG) / 4
-    assert json.loads(entry[b"m"])["ce"] == "gzip"
+    assert json.loads(unpack_meta(entry[b"m"]))["ce"] == "gzip"
     hit, hit_body = await raw(big, "/p/big", **{"Accept-Encoding": "gzip"})
     assert hit.headers["X-Cache"] == "HIT"
     assert hit_body == entry[b"b"]  # byte for byte as stored

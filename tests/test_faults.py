@@ -21,6 +21,7 @@ import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import UPSTREAM
+from proxy.entry import unpack_meta
 
 from .conftest import ALICE, BOB, ENTRY_KEYS, MakeOrigin, MakeProxy, StubControl
 from .procs import RedisServer, start_python, stop
@@ -193,7 +194,7 @@ async def test_corrupt_and_wrong_type_entries_are_misses_and_removed(
         assert (await resp.json())["data_version"] == 0
     for k in (k1, k2):  # replaced by good entries
         assert r.type(k) == b"hash"
-        assert cast(bytes, r.hget(k, "m")).startswith(b'{"v":1')
+        assert unpack_meta(cast(bytes, r.hget(k, "m"))).startswith(b'{"v":1')
     for p in PATHS[:2]:
         assert (await proxy.get(p, headers=ALICE)).headers["X-Cache"] == "HIT"
     metrics = await (await proxy.get("/metrics")).text()

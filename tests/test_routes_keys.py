@@ -148,6 +148,18 @@ def test_entry_round_trip() -> None:
     assert purged.purged_at == 5.0
 
 
+def test_metadata_is_stored_deflated_and_earlier_json_still_reads() -> None:
+    e = make_entry(headers=(("Content-Type", "application/json"), ("ETag", '"abc"'),
+                            ("Date", "Sun, 29 Nov 2026 03:32:14 GMT")),
+                   tags=("url:c1525bd7f12847e1b6a7c0d6f64ae10c", "~route:r", "session:s1"))
+    stored = e.meta_bytes()
+    assert stored[:1] == entry_mod.META_DEFLATED_1
+    assert len(stored) < len(e.meta_json()) / 2
+    assert entry_mod.decode({b"m": stored, b"b": e.body}) == e
+    # What earlier versions stored (plain JSON) is read as before.
+    assert entry_mod.decode({b"m": e.meta_json(), b"b": e.body}) == e
+
+
 def test_markers_decode() -> None:
     assert entry_mod.decode({}) is None
     assert entry_mod.decode({b"v": b"accept-encoding,x-a"}) == \
@@ -161,6 +173,13 @@ def test_markers_decode() -> None:
     {b"m": b'{"v": 1}', b"b": b""},
     {b"b": b"body only"},
     {b"m": b"[]", b"b": b""},
+    {b"m": b"", b"b": b""},
+    {b"m": b"\x02" + make_entry().meta_bytes()[1:], b"b": b""},  # a dictionary not known
+    {b"m": make_entry().meta_bytes()[:-3], b"b": b""},  # truncated
+    {b"m": make_entry().meta_bytes() + b"tail", b"b": b""},
+    {b"m": b"\x01garbage", b"b": b""},
+    # inflates beyond any metadata: refused after 1 MiB, not read to the end
+    {b"m": entry_mod.pack_meta(b" " * (4 << 20)), b"b": b""},
     {b"x": b"unknown"},
 ])
 def test_corrupt_entries_raise(fields: dict[bytes, bytes]) -> None:
