@@ -5,7 +5,8 @@ bounded in bytes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import select
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import FLOW
 from proxy.entry import Entry
 from proxy.l1 import L1
-from proxy.layout import Layout
+from proxy.layout import Layout, Shard
 
 from .conftest import ALICE, AS_SUPERUSER, MakeProxy
-from .procs import ROOT, RedisServer, proxies
+from .procs import ROOT, RedisServer, command, proxies
 
 PAGE = "/transactions?session_id=alice-s1&page_size=5"
 
@@ -160,6 +161,92 @@ async def test_a_write_on_another_instance_is_never_overtaken(
                 assert page["data_version"] >= acked, (i, outcome)
                 assert page["items"][i % 5]["category"] == new
         assert "HIT" in outcomes  # the reader did answer from its L1 in between
+
+
+async def test_a_write_on_another_instance_is_never_overtaken_among_concurrent_hits(
+        two_instances: tuple[str, str]) -> None:
+    """The same, while other clients keep the reading instance busy with L1 hits, so that
+    its loop answers many hits a turn (the feed is drained once per turn)."""
+    writer, reader = two_instances
+    done = asyncio.Event()
+    seen: list[str] = []
+
+    async def hammer(s: aiohttp.ClientSession) -> None:
+        for _ in range(3000):  # bounded; stops with the checks
+            if done.is_set():
+                return
+            async with s.get(reader + PAGE) as r:
+                await r.read()
+                seen.append(r.headers["X-Cache"])
+
+    async with aiohttp.ClientSession(headers=ALICE) as s, \
+            aiohttp.ClientSession(headers=ALICE) as busy:
+        async with s.get(reader + PAGE) as r:
+            await r.read()
+        load = [asyncio.create_task(hammer(busy)) for _ in range(8)]
+        try:
+            for i in range(25):
+                async with s.get(reader + PAGE) as r:
+                    txn = (await r.json())["items"][i % 5]
+                new = "Bills" if txn["category"] != "Bills" else "Health"
+                async with s.put(writer + f"/transactions/{txn['id']}",
+                                 json={"category": new}) as w:
+                    assert w.status == 200
+                    acked = (await w.json())["versions"]["session"]
+                async with s.get(reader + PAGE) as r:
+                    page = await r.json()
+                assert page["data_version"] >= acked, (i, r.headers["X-Cache"])
+                assert page["items"][i % 5]["category"] == new
+        finally:
+            done.set()
+            await asyncio.gather(*load)
+    assert seen.count("HIT") > 100  # the reader did answer from its L1 meanwhile
+
+
+class Heard:
+    """A feed listener that keeps the purges it is told of."""
+
+    def __init__(self) -> None:
+        self.purged: list[str] = []
+
+    def on_fill(self, primary: str) -> None:
+        pass
+
+    def on_purge(self, shard: Shard, tags: Sequence[str]) -> None:
+        self.purged += tags
+
+    def on_flush(self) -> None:
+        pass
+
+    def on_state(self, up: bool) -> None:
+        pass
+
+
+async def test_the_feed_is_drained_once_per_turn_of_the_event_loop(
+        shipped: TestClient[Any, Any], redis_server: RedisServer) -> None:
+    assert shipped.app is not None
+    flow = shipped.app[FLOW]
+    feed, shard = flow.feed, flow.store.layout.shards[0]
+    heard = Heard()
+    feed.listeners.append(heard)
+    [fd] = [c.sock.fileno() for c in feed._conns]
+    r = redis_server.client()
+
+    def announce(tag: str) -> None:
+        """A purge announcement, and wait (bounded) until its bytes reach the feed."""
+        command(r, flow.store.publish, shard.channel, f"i {tag}")
+        assert select.select([fd], [], [], 5)[0], "the announcement did not arrive"
+
+    await asyncio.sleep(0)
+    assert feed.drain()
+    announce("a")
+    # No await since the drain: the same turn of the loop, whose drain is done.
+    assert feed.drain()
+    assert heard.purged == []
+    await asyncio.sleep(0)  # the next turn: its first drain reads what is waiting
+    announce("b")
+    assert feed.drain()
+    assert "b" in heard.purged
 
 
 # -- the L1's own bookkeeping, as a table ---------------------------------------------------------
