@@ -144,6 +144,7 @@ class Feed:
         self._ready = asyncio.Event()
         self._poll = select.poll()
         self._drained = False  # this turn of the event loop has drained the feed
+        self._loop: asyncio.AbstractEventLoop | None = None  # set with the connections
 
     async def start(self, ready_timeout_s: float) -> None:
         """Connect and subscribe; wait (bounded) until up. Without Redis, start anyway."""
@@ -179,7 +180,8 @@ class Feed:
                 self._readable(conn)
         self._check_lease()
         self._drained = True
-        asyncio.get_running_loop().call_soon(self._next_turn)
+        assert self._loop is not None  # set with the connections
+        self._loop.call_soon(self._next_turn)
         return self.up
 
     def _next_turn(self) -> None:
@@ -230,7 +232,7 @@ class Feed:
             await asyncio.sleep(delay)
 
     def _attach(self, conns: list[_Conn]) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._conns = conns
         for c in conns:
             loop.add_reader(c.sock.fileno(), self._readable, c)

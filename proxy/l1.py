@@ -6,7 +6,8 @@ directives) and never outlives an invalidation it can know of:
 
 * Redis drives it. Every purge announces its tags on its shard's channel; the feed hands
   them over (``on_purge``) and the entries carrying them go. The flow drains the feed
-  without blocking before every L1 answer, so whatever reached this host first is applied.
+  without blocking before L1 answers (once per turn of the event loop, see ``Feed.drain``),
+  so whatever reached this host before the request did is applied.
 * This instance's own invalidations (writes, admin purges, deferred ones) drop their tags in
   every shard at once (``drop_tags``), before Redis is even asked.
 * While the feed is down announcements may be lost: the L1 empties and stands aside until
