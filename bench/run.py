@@ -27,8 +27,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
+import redis
 import yaml
 
 from tests.procs import ROOT, RedisCluster, RedisServer, start_python, stop
@@ -69,32 +71,45 @@ def _sequential_ms(base: str, tag: str) -> float:
     return statistics.median(times)
 
 
-def _bytes_per_raw_byte(redis: RedisServer, proxy: str) -> float:
-    """What Redis holds (``MEMORY USAGE`` of every key: entries, index records, generations)
-    per raw JSON byte, once ``STORED_PAGES`` distinct pages are stored. ``used_memory``
-    is not used: it also counts the clients' query buffers, which grow with the first large
-    saves and are not data."""
-    r = redis.client()
+def held_by_kind(r: redis.Redis) -> Counter[str]:
+    """What Redis holds, by kind of key (``e`` entries, ``t`` tag indexes, ``g`` generations,
+    ``M`` markers, ...): ``MEMORY USAGE`` of every key, once the stores in flight have landed.
+    ``used_memory`` is not used: it also counts the clients' query buffers, which grow with
+    the first large saves and are not data."""
+    # A fill is stored after its answer: wait (bounded) until the stores in flight, those of
+    # the runs before included, have landed.
+    deadline = time.monotonic() + 10
+    size = r.dbsize()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        size, last = r.dbsize(), size
+        if size == last:
+            break
+    held: Counter[str] = Counter()
+    for key in r.scan_iter(count=1000):
+        name = key.decode("latin-1")
+        kind = name.split("}:", 1)[1].split(":", 1)[0] if "}:" in name else name
+        held[kind] += r.memory_usage(key, samples=0) or 0
+    return held
 
-    def held() -> int:
-        # A fill is stored after its answer: wait (bounded) until the stores in flight,
-        # those of the miss runs before included, have landed.
-        deadline = time.monotonic() + 10
-        size = r.dbsize()
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            size, last = r.dbsize(), size
-            if size == last:
-                break
-        return sum(r.memory_usage(key, samples=0) or 0 for key in r.scan_iter(count=1000))
 
-    before = held()
+def store_pages(proxy: str, count: int, tag: str) -> int:
+    """``count`` distinct pages stored through the proxy; their raw JSON bytes."""
     raw = 0
-    for i in range(STORED_PAGES):
-        _, headers, body = _get(f"{proxy}{PAGE}&stored={i}")
+    for i in range(count):
+        _, headers, body = _get(f"{proxy}{PAGE}&stored={tag}-{i}")
         assert headers["X-Cache"] == "MISS"
         raw += len(body)
-    return (held() - before) / raw
+    return raw
+
+
+def _bytes_per_raw_byte(redis: RedisServer, proxy: str) -> float:
+    """What Redis holds (entries, index records, generations) per raw JSON byte, once
+    ``STORED_PAGES`` distinct pages are stored."""
+    r = redis.client()
+    before = held_by_kind(r).total()
+    raw = store_pages(proxy, STORED_PAGES, "run")
+    return (held_by_kind(r).total() - before) / raw
 
 
 Procs = list[subprocess.Popen[bytes]]
