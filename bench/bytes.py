@@ -2,19 +2,21 @@
 
 Starts a private redis-server, the stub (no latency) and a proxy with config.yaml, then stores
 distinct 100-item pages through the proxy in steps (``BENCH_BYTES_STEPS``, default
-300,300,400,1000,2000,4000,8000: 16,000 pages in all, about a minute) and prints, for each step, the
-bytes Redis gained per raw JSON byte of the pages stored in it: in all, and for entries
-(``e``), tag indexes (``t``) and tag generations (``g``). The figure is not one number: every
-page's entry costs the same, but the indexes of the tags that many entries share (``~all``,
-``~route:``, ``~scope:``, ``~path:``, the session's and the user's views) change encoding as
-they grow (a sorted set past 128 members leaves Redis's compact listpack), so their cost per
-member rises with the population. Writes bench/results/bytes.json. Loopback only; bounded.
+300,300,400,1000,2000,4000,8000: 16,000 pages in all, about a minute) and prints, for each
+step, the bytes Redis gained per raw JSON byte of the pages stored in it: in all, and for
+entries (``e``), tag indexes (``t``) and tag generations (``g``). The figure is not one
+number: every page's entry costs the same, but the indexes of the tags that many entries
+share (``~all``, ``~route:``, ``~scope:``, ``~path:``, the session's and the user's views)
+change encoding as they grow (a sorted set past 128 members leaves Redis's compact
+listpack), so their cost per member rises with the population. Writes
+bench/results/bytes.json. Loopback only; bounded.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 from tests.procs import ROOT, RedisServer, start_python, stop
 
@@ -24,11 +26,11 @@ KINDS = ("e", "t", "g")
 
 
 def main() -> int:
-    steps = [int(s) for s in os.environ.get("BENCH_BYTES_STEPS", "300,300,400,1000,2000,4000,8000")
-             .split(",")]
+    steps = [int(s) for s in
+             os.environ.get("BENCH_BYTES_STEPS", "300,300,400,1000,2000,4000,8000").split(",")]
     redis = RedisServer().start()
-    procs = []
-    rows = []
+    procs: list[subprocess.Popen[bytes]] = []
+    rows: list[dict[str, float]] = []
     try:
         stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
         procs.append(stub)
