@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import hiredis
 
@@ -65,11 +65,10 @@ Topology = Callable[[], Awaitable[Sequence[tuple[Node, Sequence[Shard]]]]]
 
 
 def command(*args: str | bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a.encode() if isinstance(a, str) else a
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    """A command in RESP, encoded by hiredis as the proxy's own connections encode theirs
+    (``resp.pack``, which this module cannot import: resp imports ``Node`` from here)."""
+    packed: bytes = hiredis.pack_command(cast(Any, args))  # the stub types a 1-tuple
+    return packed
 
 
 class _Conn:
