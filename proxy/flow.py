@@ -249,8 +249,10 @@ class Flow:
         if isinstance(fetched, FromEntry) and fetched.store_after is not None:
             response = self.deliver.entry(ctx, fetched.entry, fetched.age,
                                           fetched.status.with_detail(detail), fetched.fields)
-            self._answered(ctx)
             await self.deliver.send_now(ctx, response)
+            # Logged and counted once written: off the answer's path, and a client that
+            # went away meanwhile shows in its line.
+            self._answered(ctx)
             # Its own task: a cancelled handler (the client went away) still stores.
             task = asyncio.get_running_loop().create_task(
                 self._store_answered(keyed, fetched.store_after, since))
