@@ -15,11 +15,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import jsonschema
 import pytest
 import structlog
 import yaml
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.accesslog import AccessLog
@@ -30,7 +31,7 @@ from proxy.outcome import CacheStatus, Outcome
 from proxy.schema import config_schema
 
 from .browser import Browser
-from .conftest import ALICE, AS_PURGER, AS_READER, BOB, READ_TOKEN, MakeProxy
+from .conftest import ALICE, AS_PURGER, AS_READER, BOB, READ_TOKEN, MakeProxy, StubControl
 from .procs import ROOT, RedisServer, start_python, stop
 
 
@@ -139,6 +140,50 @@ async def test_breaker_transitions_are_logged(make_proxy: MakeProxy,
     assert events[-1][0] == "redis is back: caching resumes"
     assert {e["detail"] for e in access if e["outcome"] == "bypass"} <= {
         "redis-connection", "redis-circuit-open"}
+
+
+async def test_a_fill_is_logged_after_its_answer_is_written(
+        stub: TestServer, stubctl: StubControl, redis_server: RedisServer,
+        tmp_path: Path) -> None:
+    """A fill's access line follows its write. A client that left while the upstream was
+    answering shows as ``client-disconnected``, and, in a proxy process as deployed, what
+    it fetched is stored all the same. (aiohttp's in-process test server cancels the handler
+    of a client that leaves, so this runs over a real process.)"""
+    await stubctl.program("gone", body='{"n": 1}', delay_ms=300,
+                          headers=[["Content-Type", "application/json"],
+                                   ["Cache-Control", "max-age=60"]])
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "upstream": {"url": str(stub.make_url("")).rstrip("/")},
+        "redis": {"url": redis_server.url()},
+        "routes": [{"name": "p", "match": "GET /p/*", "mode": "honor", "scope": "public"}],
+        "log": {"format": "json", "access_flush_ms": 0}}))
+    log = tmp_path / "proxy.log"
+    proc, url = start_python("proxy", ["--config", str(cfg), "--port", "0"], log_file=log)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /p/gone HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"X-Request-ID: left-early\r\n\r\n")
+        await writer.drain()
+        await stubctl.arrival("gone")
+        writer.close()  # gone before the upstream answers
+        await writer.wait_closed()
+        # Served from the fill under way, once it is stored: by then the first request's
+        # answer was attempted and its line written.
+        async with aiohttp.ClientSession() as session, session.get(url + "/p/gone") as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"n": 1}
+            assert resp.headers["X-Cache"] in ("COALESCED", "HIT")
+    finally:
+        stop(proc)
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    left = [e for e in lines if e.get("request_id") == "left-early"]
+    assert len(left) == 1
+    assert left[0]["outcome"] == "miss"
+    assert left[0]["error"] == "client-disconnected"
+    assert left[0]["duration_ms"] >= 300
+    assert await stubctl.count("GET /p/{name}") == 1
 
 
 async def test_log_lines_never_carry_credentials(shipped: TestClient[Any, Any]) -> None:
