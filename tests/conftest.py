@@ -15,7 +15,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from proxy.app import FLOW, create_app
+from proxy.app import FLOW, ProxyRunner, create_app
 from proxy.config import Config, load_config, parse_config
 from upstream_stub.app import PROGRAMS
 from upstream_stub.app import create_app as create_stub
@@ -180,13 +180,24 @@ async def settled(*clients: TestClient[Any, Any]) -> None:
         await client.app[FLOW].settled()
 
 
+class DeployedServer(TestServer):
+    """The proxy served in process as ``python -m proxy`` serves it: through ``ProxyRunner``
+    (proxied requests straight to the flow), and without aiohttp's test-server default of
+    cancelling the handler of a client that leaves (a fill then still answers, logs and
+    stores, as deployed)."""
+
+    async def _make_runner(self, **kwargs: Any) -> ProxyRunner:
+        kwargs["handler_cancellation"] = False
+        return ProxyRunner(self.app, access_log=None, **kwargs)
+
+
 async def proxy_client(aiohttp_client: Any, app: web.Application,
                        settle: bool = True) -> TestClient[Any, Any]:
     """A test client of the proxy ``app``. ``settle``: each request returns once the fills
     answered so far are stored too, so that a test can look at Redis and the L1 behind an
     answer, or count on the next request finding it stored. Tests of answering first, and
     processes over HTTP, see the answer as soon as it is written."""
-    client: TestClient[Any, Any] = await aiohttp_client(app)
+    client: TestClient[Any, Any] = await aiohttp_client(DeployedServer(app))
     if settle:
         send = client._request
 

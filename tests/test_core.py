@@ -9,14 +9,24 @@ from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from proxy.app import FLOW
+from proxy.app import FLOW, create_app
 from proxy.redisconn import node_of
 from proxy.resp import Client
 
-from .conftest import ALICE, BOB, ENTRY_KEYS, OUR_KEYS, MakeProxy, StubControl, settled
+from .conftest import (
+    ALICE,
+    BOB,
+    ENTRY_KEYS,
+    OUR_KEYS,
+    MakeProxy,
+    StubControl,
+    base_config,
+    make_config,
+    settled,
+)
 from .procs import RedisServer
 
 TXNS = "/transactions?session_id=alice-s1&page_size=5"
@@ -64,6 +74,28 @@ async def test_hit_after_miss_reaches_upstream_once(proxy: TestClient[Any, Any],
     assert int(second.headers["Age"]) >= 0
     assert await stubctl.count("GET /transactions") == 1
     assert len(entry_keys(redis_server)) == 1
+
+
+async def test_the_application_alone_answers_as_the_proxy_runner_does(
+        aiohttp_client: Any, stub: TestServer, stubctl: StubControl,
+        redis_server: RedisServer) -> None:
+    """Served by a plain ``AppRunner`` (as ``web.run_app`` or gunicorn would serve it), not
+    by ``ProxyRunner`` (``python -m proxy``, and every other test): the application's own
+    catch-all route answers proxied requests the same way."""
+    app = create_app(make_config(base_config(str(stub.make_url("")).rstrip("/"),
+                                             redis_server.url())))
+    client: TestClient[Any, Any] = await aiohttp_client(TestServer(app))
+    first = await client.get(TXNS, headers=ALICE)
+    assert first.status == 200
+    assert first.headers["X-Cache"] == "MISS"
+    await settled(client)
+    second = await client.get(TXNS, headers=ALICE)
+    assert second.status == 200
+    assert second.headers["X-Cache"] == "HIT"
+    assert await second.read() == await first.read()
+    assert await stubctl.count("GET /transactions") == 1
+    live = await client.get("/cache/health/live")
+    assert live.status == 200
 
 
 @pytest.mark.parametrize("answer_first", [True, False])
