@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -n 2
 VALKEY_TESTS ?= tests/test_core.py tests/test_invalidation.py tests/test_faults.py \
 	tests/test_cluster.py tests/test_sentinel.py tests/test_redis_security.py
 
-.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs bench-client bench-instructions bench-bytes conformance soak soak-memory clean
+.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs bench-client bench-instructions bench-bytes bench-steps conformance soak soak-memory clean
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ bench-instructions: setup
 
 bench-bytes: setup
 	$(BIN)/python -m bench.bytes
+
+# Where a sequential miss's time goes, step by step (timestamps around the proxy's steps).
+bench-steps: setup
+	$(BIN)/python -m bench.steps
 
 # Minutes of users reading and writing through two proxies while Redis fails (bounded).
 soak: setup
