@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -83,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _serve(config: Config, host: str, port: int, reuse_port: bool) -> None:
     app = create_app(config)
+    # What exists now (modules, the config, the application) lives as long as the process:
+    # out of the cyclic collector's sight, a full collection walks only what requests made
+    # (its pauses had set the p99 of misses under load). Frozen before any connection opens,
+    # as a connection dropped on a reconnect can be a cycle the collector must still free.
+    gc.collect()
+    gc.freeze()
     runner = ProxyRunner(app, access_log=None, handle_signals=False,
                          shutdown_timeout=config.server.shutdown_timeout_s)
     await runner.setup()
