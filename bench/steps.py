@@ -41,7 +41,8 @@ PAUSE_S = 0.01  # the idle gap before each of them, as between sequential misses
 
 # (from, to, what happens in between); the stamps are set by bench/steps_proxy.py.
 STEPS = [
-    ("start", "lookup_sent", "plan, L1 miss, the lookup batched and written to Redis"),
+    ("start", "lookup_asked", "plan, L1 miss, the lookup asked for"),
+    ("lookup_asked", "lookup_sent", "the lookup batched (a turn of the loop) and written"),
     ("lookup_sent", "lookup_answered", "the lookup's round trip to Redis"),
     ("lookup_answered", "upstream_asked", "decision, coalescing lead, the upstream request's head"),
     ("upstream_asked", "upstream_answered", "the upstream's answer (its header section)"),

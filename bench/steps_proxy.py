@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from proxy import deliver, flow, h1client, resp, verdict
+from proxy import deliver, flow, h1client, resp, store, verdict
 
 _current: dict[str, int] = {}
 _kept: list[dict[str, int]] = []
@@ -67,6 +67,7 @@ def install() -> None:
         return await handle(self, request)
 
     flow.Flow.handle = handle_stamped  # type: ignore[method-assign]
+    _around_sync(store._Batch, "submit", "lookup_asked")
     _around_sync(resp._Protocol, "send", "lookup_sent")
     _around_async(resp.Client, "call_many", None, "lookup_answered")
     _around_async(h1client.H1Pool, "request", "upstream_asked", "upstream_answered")
