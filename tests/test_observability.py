@@ -146,9 +146,8 @@ async def test_a_fill_is_logged_after_its_answer_is_written(
         stub: TestServer, stubctl: StubControl, redis_server: RedisServer,
         tmp_path: Path) -> None:
     """A fill's access line follows its write. A client that left while the upstream was
-    answering shows as ``client-disconnected``, and, in a proxy process as deployed, what
-    it fetched is stored all the same. (aiohttp's in-process test server cancels the handler
-    of a client that leaves, so this runs over a real process.)"""
+    answering shows as ``client-disconnected``, and what it fetched is stored all the same
+    (a proxy process, as deployed: its access lines as written to stderr)."""
     await stubctl.program("gone", body='{"n": 1}', delay_ms=300,
                           headers=[["Content-Type", "application/json"],
                                    ["Cache-Control", "max-age=60"]])
