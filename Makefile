@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -n 2
 VALKEY_TESTS ?= tests/test_core.py tests/test_invalidation.py tests/test_faults.py \
 	tests/test_cluster.py tests/test_sentinel.py tests/test_redis_security.py
 
-.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs bench-client bench-instructions bench-bytes bench-steps conformance soak soak-memory clean
+.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs bench-client bench-instructions bench-bytes bench-steps bench-pure conformance soak soak-memory clean
 
 setup: $(VENV)/.installed
 
@@ -65,6 +65,10 @@ bench-bytes: setup
 # Where a sequential miss's time goes, step by step (timestamps around the proxy's steps).
 bench-steps: setup
 	$(BIN)/python -m bench.steps
+
+# The pure steps of a fill (plan, verdict, body, fields) in a loop, warm.
+bench-pure: setup
+	$(BIN)/python -m bench.pure
 
 # Minutes of users reading and writing through two proxies while Redis fails (bounded).
 soak: setup
