@@ -13,12 +13,18 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlsplit
 
 
-def curl_ms(url: str) -> float:
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{time_total}",
-                          url], capture_output=True, text=True, timeout=30, check=True)
+def curl_ms(url: str, headers: Mapping[str, str] | None = None,
+            prefix: Sequence[str] = ()) -> float:
+    """One ``curl`` (a connection of its own) to ``url`` with ``headers``, run under
+    ``prefix`` (``taskset -c N``, say): the total time of a 200, in milliseconds."""
+    fields = [a for k, v in (headers or {}).items() for a in ("-H", f"{k}: {v}")]
+    out = subprocess.run([*prefix, "curl", "-s", "-o", "/dev/null", "-w",
+                          "%{http_code} %{time_total}", *fields, url],
+                         capture_output=True, text=True, timeout=30, check=True)
     code, seconds = out.stdout.split()
     if code != "200":
         raise SystemExit(f"{url}: HTTP {code}")

@@ -15,7 +15,6 @@ import os
 import statistics
 import sys
 import time
-import urllib.request
 from typing import NamedTuple
 from urllib.parse import parse_qsl
 
@@ -26,7 +25,7 @@ from proxy.config import load_config
 from proxy.plan import Keyed, Planner
 from tests.procs import ROOT, start_python, stop
 
-from .run import HEADERS, PAGE
+from .run import HEADERS, PAGE, _get
 
 COUNT = min(int(os.environ.get("BENCH_PURE_COUNT", "20000")), 1_000_000)
 ROUNDS = 3
@@ -43,9 +42,9 @@ class Head(NamedTuple):
 def fetch_page() -> tuple[list[tuple[str, str]], bytes]:
     stub, url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
     try:
-        req = urllib.request.Request(url + PAGE, headers=HEADERS)
-        with urllib.request.urlopen(req, timeout=10) as resp:  # loopback only
-            return list(resp.headers.items()), resp.read()
+        status, headers, body = _get(url + PAGE)
+        assert status == 200, status
+        return list(headers.items()), body
     finally:
         stop(stub)
 

@@ -32,6 +32,7 @@ import redis as redis_py
 from proxy import scripts
 from tests.procs import ROOT, RedisServer, start_python, stop
 
+from .interleave import curl_ms
 from .run import HEADERS, PAGE, proxy_env
 
 COUNT = min(int(os.environ.get("BENCH_STEPS_COUNT", "200")), 5000)  # bounded
@@ -53,22 +54,18 @@ STEPS = [
 ]
 
 
+# Laid out as the side-by-side run when there are two cores to lay out on.
+PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+CLIENT = ("taskset", "-c", "1") if PINNED else ()
+
+
 def _pin(pid: int, cpu: str) -> None:
-    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+    if PINNED:
         subprocess.run(["taskset", "-a", "-pc", cpu, str(pid)], capture_output=True, check=False)
 
 
 def _curl_ms(url: str) -> float:
-    pin = ["taskset", "-c", "1"] if (os.cpu_count() or 1) >= 2 and shutil.which("taskset") \
-        else []
-    auth = [a for k, v in HEADERS.items() for a in ("-H", f"{k}: {v}")]
-    out = subprocess.run([*pin, "curl", "-s", "-o", "/dev/null", "-w",
-                          "%{http_code} %{time_total}", *auth, url],
-                         capture_output=True, text=True, timeout=30, check=True)
-    code, seconds = out.stdout.split()
-    if code != "200":
-        raise SystemExit(f"{url}: HTTP {code}")
-    return float(seconds) * 1000
+    return curl_ms(url, HEADERS, CLIENT)
 
 
 def cold_costs(client: redis_py.Redis) -> dict[str, float]:
