@@ -30,6 +30,8 @@ from typing import Any
 import redis as redis_py
 
 from proxy import scripts
+from proxy.layout import Layout
+from proxy.store import MARKER_TTL_MS
 from tests.procs import ROOT, RedisServer, start_python, stop
 
 from .interleave import curl_ms
@@ -73,12 +75,13 @@ def cold_costs(client: redis_py.Redis) -> dict[str, float]:
     the lookup script on a key with nothing stored, each called after an idle gap."""
     lookup = client.script_load(scripts.LOOKUP)
     trivial = client.script_load("return 1")
-    p = "{bench-steps:0}:"
+    shard = Layout("bench-steps", 1).shards[0]  # the store's key names, as Store._lookup
     calls: dict[str, Callable[[int], Any]] = {
-        "GET": lambda i: client.get(f"{p}e:{i}"),
+        "GET": lambda i: client.get(shard.entry(str(i))),
         "a script that returns 1": lambda i: client.evalsha(trivial, 0),
         "the lookup script, nothing stored": lambda i: client.evalsha(
-            lookup, 3, f"{p}e:{i}", p + "M", f"{p}l:{i}", p, "token", 1000, 60000, 0),
+            lookup, 3, shard.entry(str(i)), shard.marker, shard.lock(str(i)), shard.prefix,
+            "token", 1000, MARKER_TTL_MS, 0),
     }
     out = {}
     for name, call in calls.items():
