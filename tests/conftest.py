@@ -119,6 +119,10 @@ class StubControl:
         """Wait until /p/{name} has received a request (the stub runs in this process)."""
         await self.server.app[PROGRAMS][name].arrived.wait()
 
+    def release(self, name: str) -> None:
+        """Let /p/{name}, programmed ``held``, answer (its requests so far and later)."""
+        self.server.app[PROGRAMS][name].release.set()
+
     async def received(self, name: str) -> list[dict[str, Any]]:
         return list((await self._call("GET", f"/__program/{name}"))["received"])
 

@@ -109,21 +109,26 @@ async def _program_list(stubctl: StubControl, items: list[str]) -> None:
 async def test_slow_and_failing_fetches_delay_nothing(make_proxy: MakeProxy,
                                                       stubctl: StubControl) -> None:
     proxy = await make_proxy(prewarm=_rule(["/p/{response.json.items[*].id}"]),
-                             cache={"prewarm": {"timeout_s": 0.3}})
+                             cache={"prewarm": {"timeout_s": 2}})
     await _program_list(stubctl, ["slow", "fail"])
+    # Both held at the upstream until released: "slow" never is (its fetch is given up).
     await stubctl.program("slow", headers=[["Cache-Control", "max-age=60"]], body="late",
-                          delay_ms=3000)
-    await stubctl.program("fail", status=500, body="broken")
-    r = await proxy.get("/p/list")
-    assert (r.status, r.headers["X-Cache"]) == (200, "MISS")
-    # The answer is out before any warm fetch has even started.
-    assert await _prewarm_counts(proxy) == {}
-    await _drained(proxy)
-    assert await _prewarm_counts(proxy) == {"GET /p/list": {"dropped": 1, "error": 1}}
-    # Never retried: each reached the upstream once.
-    assert len(await stubctl.received("fail")) == 1
-    await stubctl.arrival("slow")
-    assert len(await stubctl.received("slow")) == 1
+                          held=True)
+    await stubctl.program("fail", status=500, body="broken", held=True)
+    try:
+        r = await proxy.get("/p/list")
+        assert (r.status, r.headers["X-Cache"]) == (200, "MISS")
+        # The answer is out while neither warm fetch has an answer.
+        assert await _prewarm_counts(proxy) == {}
+        stubctl.release("fail")
+        await _drained(proxy)
+        assert await _prewarm_counts(proxy) == {"GET /p/list": {"dropped": 1, "error": 1}}
+        # Never retried: each reached the upstream once.
+        assert len(await stubctl.received("fail")) == 1
+        await stubctl.arrival("slow")
+        assert len(await stubctl.received("slow")) == 1
+    finally:
+        stubctl.release("slow")
 
 
 async def test_fetches_are_bounded_per_trigger_and_per_user(make_proxy: MakeProxy,

@@ -12,6 +12,8 @@ Test hooks (no auth, never behind the proxy in production):
                                          proxy gave up)
     GET  /__stats, POST /__stats/reset   request counters per endpoint
     PUT  /__program/{name}               choose status, headers, body, delay of /p/{name}
+                                         ("held": answer only once an in-process test
+                                         releases it)
     GET  /__program/{name}               what /p/{name} received
     *    /p/{name}[/...]                 the programmed response
 """
@@ -60,6 +62,10 @@ class Program:
     received: list[dict[str, Any]] = field(default_factory=list)
     # Set when a request arrives: in-process tests await it instead of polling.
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # held: each request waits (after its delay) until an in-process test sets ``release``,
+    # so that a test decides when the upstream answers instead of guessing a delay.
+    held: bool = False
+    release: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 STATS = web.AppKey("stats", Counter)
@@ -357,6 +363,7 @@ async def _program_set(request: web.Request) -> web.Response:
         headers=[(str(k), str(v)) for k, v in spec.get("headers", [])],
         body=str(spec.get("body", "")),
         delay_ms=int(spec.get("delay_ms", 0)),
+        held=bool(spec.get("held", False)),
         answer_304=bool(spec.get("answer_304", True)),
         close_mid_body=bool(spec.get("close_mid_body", False)),
         cut_before_response=str(spec.get("cut_before_response", "")),
@@ -390,6 +397,8 @@ async def _programmed(request: web.Request) -> web.StreamResponse:
     del prog.received[:-50]
     if prog.delay_ms:
         await asyncio.sleep(prog.delay_ms / 1000)
+    if prog.held:
+        await prog.release.wait()
     headers = list(prog.headers)
     etag = next((v for k, v in headers if k.lower() == "etag"), None)
     lm = next((v for k, v in headers if k.lower() == "last-modified"), None)
