@@ -69,7 +69,9 @@ def test_access_log_lines_are_json_without_credentials(stack: tuple[str, str, Pa
     proxy_url, _, log = stack
     get(proxy_url + "/rules", {"Authorization": "Bearer alice-token",
                                "X-Request-ID": "e2e-req-1"})
-    # The access line is written (unbuffered) before the response goes out.
+    # A fill's access line is written (unbuffered) in the step that writes its answer, just
+    # after it: a request answered later, on a connection of its own, orders the read.
+    get(proxy_url + "/cache/health/live")
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     access = [x for x in lines if x.get("event") == "request"]
     assert access, lines
