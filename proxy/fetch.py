@@ -124,6 +124,12 @@ class Fetcher:
             kept = full if compress_now else verdict.on_body(
                 full, full.entry.body, True, compress_min_bytes=self.cfg.compress_min_bytes)
             assert isinstance(kept, verdict.Store)  # a complete body
+            filed = verdict.tagged(kept, keyed, up.headers)
+            if isinstance(filed, verdict.Uncacheable):  # beyond the bound: cannot happen
+                await self._hit_for_miss(keyed, filed, lock)
+                return FromEntry(kept.entry, kept.entry.age(time.time()), CacheStatus(
+                    Outcome.UNCACHEABLE, filed.reason, fwd_status=up.status), fields)
+            kept = filed
             stored, why = await self._save(keyed, lookup, kept.entry, kept.ttl, lock)
             now = time.time()
             status = verdict.stored_status(kept.entry, Outcome.MISS, now=now, stored=stored,

@@ -79,6 +79,25 @@ def entry_tags(
     return tuple(dict.fromkeys(tags))
 
 
+# The sources a route's tag templates may use (config): each resolves to at most one value on
+# a read (the first query value, a path parameter, a header, the identity), so a route's
+# template gives at most one tag.
+_SCALAR_SOURCES = frozenset({"query", "path", "user", "header"})
+
+
+def entry_tags_bound(route: RouteConfig, path: str, response_headers: Headers) -> int | None:
+    """At most how many tags ``entry_tags`` gives for this response, without expanding
+    anything (None when it cannot tell): a fill whose bound is within MAX_TAGS_PER_ENTRY
+    computes its tags after its answer."""
+    if any(s not in _SCALAR_SOURCES for t in route.tags for s in t.sources):
+        return None
+    bound = 3 + min(path.count("/"), 8) + len(route.tags)  # url, route, scope; path prefixes
+    for name in SURROGATE_HEADERS:
+        for value in get_all(response_headers, name):
+            bound += len(value.replace(",", " ").split())
+    return bound
+
+
 @dataclass(frozen=True, slots=True)
 class WriteTags:
     tags: tuple[str, ...]

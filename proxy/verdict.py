@@ -3,11 +3,15 @@
     on_response(keyed, head, stale, validate, ...) -> Store | Uncacheable | Revalidated
                                                       | Stale | Refetch
     on_body(store, body, complete)                 -> Store (with its body) | Uncacheable
+    tagged(store, keyed, headers)                  -> Store (with its tags) | Uncacheable
     on_error(keyed, stale, error, now)             -> Stale | Error
 
 ``Store`` and ``Revalidated`` carry the entry as it will be kept; ``Uncacheable`` is streamed
 to the client as it comes; ``Stale`` answers from the stored entry instead (stale-if-error);
 ``Refetch`` asks again without validators (a 304 that does not select the stored response).
+A ``Store`` whose tags are sure to fit (``entry_tags_bound``) leaves them for ``tagged``, after
+the answer: expanding them is a tenth of a miss's own time on a cold machine (README,
+"Performance").
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ from . import encoding, policy
 from .config import CacheConfig
 from .entry import Entry
 from .errors import UpstreamError
-from .invalidation import MAX_TAGS_PER_ENTRY, SURROGATE_HEADERS, entry_tags
+from .invalidation import MAX_TAGS_PER_ENTRY, SURROGATE_HEADERS, entry_tags, entry_tags_bound
 from .outcome import CacheStatus, Outcome
 from .plan import Keyed, template_context
+from .routes import TemplateContext
 
 # Reasons that belong to one request (its credentials, its no-store), not to the URL: they
 # do not make later requests skip coalescing (hit-for-miss).
 _REQUEST_REASONS = frozenset({"authorization", "request-no-store"})
+_NO_TEMPLATE = TemplateContext()  # a route without tag templates reads nothing of it
 
 
 class ResponseHead(Protocol):
@@ -49,6 +55,7 @@ class Store:
 
     entry: Entry
     ttl: float  # seconds in the store
+    tagged: bool = True  # False: entry.tags is empty until ``tagged``; never saved so
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +122,9 @@ def on_response(keyed: Keyed, head: ResponseHead, stale: Entry | None, *, valida
                          credential_header=cfg.identity.header)
     if not ok.storable:
         return Uncacheable(ok.reason)
-    entry = make_entry(keyed, head.status, head.headers, head, cfg)
+    bound = entry_tags_bound(keyed.route, keyed.path, head.headers)
+    now_tagged = bound is None or bound > MAX_TAGS_PER_ENTRY
+    entry = make_entry(keyed, head.status, head.headers, head, cfg, tagged=now_tagged)
     if len(entry.tags) > MAX_TAGS_PER_ENTRY:
         return Uncacheable("too-many-tags")
     ttl = _storage_ttl(entry, keyed, cfg)
@@ -123,7 +132,7 @@ def on_response(keyed: Keyed, head: ResponseHead, stale: Entry | None, *, valida
         return Uncacheable("stale-on-arrival")
     if head.content_length is not None and head.content_length > cfg.max_body_bytes:
         return Uncacheable("too-large")
-    return Store(entry, ttl)
+    return Store(entry, ttl, now_tagged)
 
 
 def on_body(store: Store, body: bytes, complete: bool, *,
@@ -136,8 +145,19 @@ def on_body(store: Store, body: bytes, complete: bool, *,
     if encoding.worth_compressing(entry.headers, body, compress_min_bytes):
         packed = entry.with_body(encoding.compress(body), encoding.GZIP)
         packed.remember_plain(body)
-        return Store(packed, store.ttl)
-    return Store(entry.with_body(body, entry.encoded), store.ttl)
+        return Store(packed, store.ttl, store.tagged)
+    return Store(entry.with_body(body, entry.encoded), store.ttl, store.tagged)
+
+
+def tagged(store: Store, keyed: Keyed, headers: list[tuple[str, str]]) -> Store | Uncacheable:
+    """The entry with its tags, when ``on_response`` left them for later (``headers``: the
+    upstream's response fields). Their bound said they fit; they are counted again anyway."""
+    if store.tagged:
+        return store
+    tags = _tags(keyed, headers)
+    if len(tags) > MAX_TAGS_PER_ENTRY:
+        return Uncacheable("too-many-tags")
+    return Store(store.entry.with_tags(tags), store.ttl)
 
 
 def on_error(keyed: Keyed, stale: Entry | None, error: UpstreamError,
@@ -156,15 +176,13 @@ def stored_status(entry: Entry, outcome: Outcome, *, now: float, stored: bool, w
 
 
 def make_entry(keyed: Keyed, status: int, headers: list[tuple[str, str]], head: ResponseHead,
-               cfg: CacheConfig, body: bytes = b"") -> Entry:
-    """The entry a response becomes: its storable fields, freshness, tags and variant."""
+               cfg: CacheConfig, body: bytes = b"", *, tagged: bool = True) -> Entry:
+    """The entry a response becomes: its storable fields, freshness, tags (unless not
+    ``tagged``: none yet) and variant."""
     route = keyed.route
     fr = policy.freshness(status=status, response_headers=headers, route=route,
                           default_ttl_s=cfg.default_ttl_s, response_time=head.response_time)
-    template = template_context(keyed.query_args(), keyed.headers.items(), keyed.params,
-                                keyed.user)
-    tags = entry_tags(route=route, path=keyed.path, query=keyed.query, scope=keyed.scope,
-                      ctx=template, response_headers=headers)
+    tags = _tags(keyed, headers) if tagged else ()
     return Entry(
         status=status,
         # Stored ready to send: Surrogate-Key and Cache-Tag are read (tags) and dropped, and
@@ -188,6 +206,14 @@ def make_entry(keyed: Keyed, status: int, headers: list[tuple[str, str]], head: 
         tags=tags,
         vary=tuple((n, keyed.value_of(n)) for n in policy.vary_names(headers)),
     )
+
+
+def _tags(keyed: Keyed, headers: list[tuple[str, str]]) -> tuple[str, ...]:
+    route = keyed.route
+    template = template_context(keyed.query_args(), keyed.headers.items(), keyed.params,
+                                keyed.user) if route.tags else _NO_TEMPLATE
+    return entry_tags(route=route, path=keyed.path, query=keyed.query, scope=keyed.scope,
+                      ctx=template, response_headers=headers)
 
 
 def _storage_ttl(entry: Entry, keyed: Keyed, cfg: CacheConfig) -> float:

@@ -13,9 +13,13 @@ from proxy import policy, verdict
 from proxy.config import Config
 from proxy.entry import Entry, HitForMiss
 from proxy.errors import UpstreamTimeout
+from proxy.invalidation import MAX_TAGS_PER_ENTRY, entry_tags_bound
+from proxy.layout import Layout
 from proxy.outcome import Outcome
 from proxy.plan import Fill, Keyed, Pass, Planner, Serve, decide, predicted
-from proxy.routes import TemplateContext
+from proxy.redisconn import RedisConn
+from proxy.routes import TemplateContext, parse_template
+from proxy.store import Store
 
 from .conftest import base_config, make_config
 
@@ -259,6 +263,68 @@ def test_entry_tags_come_from_the_route_and_the_response() -> None:
             "~path:/summary", "a", "b"} <= set(e.tags)
     assert e.url == "/summary?session_id=s1"
     assert policy.get_first(e.headers, "date") is not None  # RFC 9110 §6.6.1
+
+
+@pytest.mark.parametrize(("url", "surrogate"), [
+    ("/summary?session_id=s1", "a b"),  # two templates, the scope, surrogate keys
+    ("/summary?session_id=s1&session_id=s2", "a,b  a"),  # a template takes the first value
+    ("/p/" + "/".join("abcdefghijk"), ""),  # deeper than the eight path prefixes kept
+    ("/p/x", " ".join(f"k{i}" for i in range(240))),  # just within the limit
+])
+def test_a_fill_files_its_tags_after_its_answer_when_they_fit(url: str, surrogate: str) -> None:
+    k = keyed(url, {"Authorization": ALICE} if url.startswith("/summary") else {})
+    headers = [(CC, "max-age=60"), *([("Surrogate-Key", surrogate)] if surrogate else [])]
+    v = verdict.on_response(k, Head(200, headers), None, validate=False, cfg=config().cache,
+                            now=NOW)
+    assert isinstance(v, verdict.Store)
+    assert (v.tagged, v.entry.tags) == (False, ())  # what the answer is made of
+    body = verdict.on_body(v, b"abc", True)
+    assert isinstance(body, verdict.Store)
+    filed = verdict.tagged(body, k, headers)  # what is stored, after the answer
+    full = verdict.make_entry(k, 200, headers, Head(200, headers), config().cache, body=b"abc")
+    assert isinstance(filed, verdict.Store)
+    assert filed.tagged
+    assert filed.entry == full  # every tag, and nothing else changed
+    bound = entry_tags_bound(k.route, k.path, headers)
+    assert bound is not None
+    assert len(full.tags) <= bound <= MAX_TAGS_PER_ENTRY
+
+
+def test_a_fill_whose_tags_might_not_fit_counts_them_before_its_answer() -> None:
+    k = keyed("/p/x")
+    repeated = [(CC, "max-age=60"), ("Surrogate-Key", " ".join(["a"] * 300))]
+    v = verdict.on_response(k, Head(200, repeated), None, validate=False, cfg=config().cache,
+                            now=NOW)
+    assert isinstance(v, verdict.Store)  # 300 members, one tag: stored
+    assert v.tagged
+    assert "a" in v.entry.tags
+    # A template whose values the bound cannot count: tagged before the answer too.
+    listed = replace(k, route=replace(k.route, tags=(
+        parse_template("x:{request.json.ids}"),)))
+    assert entry_tags_bound(listed.route, listed.path, []) is None
+    v = verdict.on_response(listed, Head(200, [(CC, "max-age=60")]), None, validate=False,
+                            cfg=config().cache, now=NOW)
+    assert isinstance(v, verdict.Store)
+    assert v.tagged
+    assert "~route:programmed" in v.entry.tags
+    # Should tagging after the answer ever find too many (the bound wrong), nothing is stored.
+    late = verdict.Store(v.entry.with_tags(()), v.ttl, tagged=False)
+    many = [(CC, "max-age=60"), ("Surrogate-Key", " ".join(f"k{i}" for i in range(300)))]
+    assert verdict.tagged(late, k, many) == verdict.Uncacheable("too-many-tags")
+
+
+def test_an_entry_without_its_tags_is_never_saved() -> None:
+    cfg = config()
+    store = Store(RedisConn(cfg.redis), Layout("jcache", 1), lock_ms=1000)
+    v = verdict.on_response(keyed(), Head(200, [(CC, "max-age=60")]), None, validate=False,
+                            cfg=cfg.cache, now=NOW)
+    assert isinstance(v, verdict.Store)
+    with pytest.raises(ValueError, match="without its tags"):
+        store.save_call("0" * 32, v.entry, 60.0, 0)
+    filed = verdict.tagged(v, keyed(), [(CC, "max-age=60")])
+    assert isinstance(filed, verdict.Store)
+    _, args = store.save_call("0" * 32, filed.entry, 60.0, 0)
+    assert "~route:programmed" in args
 
 
 # -- what a write makes stale ---------------------------------------------------------------------
