@@ -245,11 +245,14 @@ class Upstream:
                    body: AsyncIterable[bytes] | bytes | None = None) -> UpstreamResponse:
         """Send a request; returns once the response header section has arrived."""
         assert self._session is not None, "Upstream.start() was not awaited"
-        try:
-            async with asyncio.timeout(self.cfg.queue_timeout_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise UpstreamBusy("no free upstream connection") from None
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot: taken at once, no deadline to arm
+        else:
+            try:
+                async with asyncio.timeout(self.cfg.queue_timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise UpstreamBusy("no free upstream connection") from None
         request_time = time.time()
         try:
             async with asyncio.timeout(self.cfg.timeout_s):
