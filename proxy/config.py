@@ -54,6 +54,9 @@ class ServerConfig:
     client_timeout_s: float = 30.0
     shutdown_timeout_s: float = 10.0
     strip_request_headers: tuple[str, ...] = DEFAULT_STRIPPED_HEADERS
+    # L1 hits answered as the request's bytes arrive, before aiohttp builds a request
+    # (``fasthit``); everything else takes aiohttp's path.
+    fast_hits: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,6 +496,7 @@ def _server(r: _Reader) -> ServerConfig:
         shutdown_timeout_s=r.number("shutdown_timeout_s", d.shutdown_timeout_s, 0),
         strip_request_headers=_header_names(r, "strip_request_headers",
                                             d.strip_request_headers),
+        fast_hits=r.flag("fast_hits", d.fast_hits),
     )
     r.done()
     return out

@@ -68,12 +68,8 @@ class Delivery:
         if fields is None:  # stored fields are ready to send (see verdict.make_entry)
             # A range is taken from the representation as the upstream sent it (not gzipped
             # by the store).
-            gz = bool(entry.encoded) and wanted is None and \
-                encoding.accepts_gzip(req.headers.get("Accept-Encoding"))
-            prepared = entry.ready.get("gzip" if gz else "plain")
-            if prepared is None:
-                prepared = entry.ready["gzip" if gz else "plain"] = self._prepare(entry, gz)
-            headers, body, block = prepared
+            headers, body, block = self._prepared(entry, wanted is None and encoding.accepts_gzip(
+                req.headers.get("Accept-Encoding")))
         else:
             headers = CIMultiDict((k, v) for k, v in fields
                                   if k.lower() not in self.internal)
@@ -147,25 +143,51 @@ class Delivery:
         ctx.http_status = resp.status
         return resp
 
-    def _prepare(self, entry: Entry, gz: bool) -> tuple[CIMultiDict[str], bytes, bytes | None]:
-        """The stored header section and body as sent, once per entry and encoding, and
-        the header block of a ready-made answer when one can be made."""
-        headers: CIMultiDict[str] = CIMultiDict(entry.headers)
-        body = self._negotiate(entry, headers, gz) if entry.encoded else entry.body
-        block = ready.header_block(entry.status, headers.items(), body) if self.ready_made \
-            else None
-        return headers, body, block
+    def hit_message(self, ctx: Ctx, entry: Entry, age: float, status: CacheStatus,
+                    accept_encoding: str | None) -> bytes | None:
+        """A hit's whole answer as bytes, for a plain GET or HEAD (no conditionals, no
+        range): what ``entry`` sends through a ``ReadyResponse``, for the protocol-level
+        fast path (``fasthit``). None when the entry's answer cannot be ready-made."""
+        _, body, block = self._prepared(entry, encoding.accepts_gzip(accept_encoding))
+        if block is None:
+            return None
+        ctx.cache = status
+        ctx.entry = entry
+        return ready.message(entry.status, block,
+                             self._ready_fields(ctx, entry.status, body, age, status), body,
+                             head_only=ctx.method == "HEAD")
+
+    def _prepared(self, entry: Entry, gzip_ok: bool,
+                  ) -> tuple[CIMultiDict[str], bytes, bytes | None]:
+        """The stored header section and body as sent (gzipped when the proxy compressed
+        the body and ``gzip_ok``), once per entry and encoding, and the header block of a
+        ready-made answer when one can be made."""
+        gz = bool(entry.encoded) and gzip_ok
+        prepared: tuple[CIMultiDict[str], bytes, bytes | None] | None = \
+            entry.ready.get("gzip" if gz else "plain")
+        if prepared is None:
+            headers: CIMultiDict[str] = CIMultiDict(entry.headers)
+            body = self._negotiate(entry, headers, gz) if entry.encoded else entry.body
+            block = ready.header_block(entry.status, headers.items(), body) \
+                if self.ready_made else None
+            prepared = entry.ready["gzip" if gz else "plain"] = (headers, body, block)
+        return prepared
 
     def _ready(self, ctx: Ctx, code: int, block: bytes, body: bytes, age: float,
                status: CacheStatus) -> web.StreamResponse:
+        return ready.ReadyResponse(code, block, self._ready_fields(ctx, code, body, age, status),
+                                   body)
+
+    def _ready_fields(self, ctx: Ctx, code: int, body: bytes, age: float,
+                      status: CacheStatus) -> str:
+        """This answer's own fields, as lines: our outcome words, the configured name, a
+        sanitised request id."""
         ctx.http_status = code
-        if ctx.req.method != "HEAD" and status.outcome in _FROM_CACHE:
+        if ctx.method != "HEAD" and status.outcome in _FROM_CACHE:
             ctx.served_bytes = len(body)
-        # Ours: our outcome words, the configured name, a sanitised request id.
-        extra = (f"Age: {min(int(age), policy.DELTA_MAX)}\r\nX-Cache: {status.x_cache}\r\n"
-                 f"Cache-Status: {status.cache_status(self.name)}\r\n"
-                 f"X-Request-ID: {ctx.rid}\r\n")
-        return ready.ReadyResponse(code, block, extra, body)
+        return (f"Age: {min(int(age), policy.DELTA_MAX)}\r\nX-Cache: {status.x_cache}\r\n"
+                f"Cache-Status: {status.cache_status(self.name)}\r\n"
+                f"X-Request-ID: {ctx.rid}\r\n")
 
     @staticmethod
     def _negotiate(entry: Entry, headers: CIMultiDict[str], gz: bool) -> bytes:

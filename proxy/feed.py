@@ -158,19 +158,25 @@ class Feed:
                 await self._task
         self._detach()
 
-    def drain(self) -> bool:
+    def drain(self, now: bool = False) -> bool:
         """Apply what is waiting on every connection now; False when the feed is down.
         One poll(2) with no timeout when nothing is waiting (the usual case), once per turn
         of the event loop: under load a turn answers many hits, and the poll was the
         largest single cost of each.
 
-        Once per turn is enough. A hit that finds this turn's drain done is handled by a
-        step queued before the reset below was (the loop runs callbacks in the order they
-        were queued, asyncio's loop and uvloop alike), and a step that handles a request is
-        only queued once the request's bytes have been read. So the request reached this
-        host before the drain did, and so did anything that reached it before the request.
+        Once per turn is enough for a request handled by a queued step (aiohttp's handler).
+        A hit that finds this turn's drain done is handled by a step queued before the reset
+        below was (the loop runs callbacks in the order they were queued, asyncio's loop and
+        uvloop alike), and a step that handles a request is only queued once the request's
+        bytes have been read. So the request reached this host before the drain did, and so
+        did anything that reached it before the request.
+
+        ``now``: drain whatever this turn did already. A hit answered inside the callback that
+        read its bytes (``fasthit``) needs it: uvloop runs those callbacks after the turn's
+        queued ones, on what epoll said after them, so a drain earlier in the turn may come
+        before the request's bytes did.
         """
-        if self._drained:
+        if self._drained and not now:
             return self.up
         if not self._conns:
             return False
@@ -178,9 +184,10 @@ class Feed:
             for conn in self._conns:
                 self._readable(conn)
         self._check_lease()
-        self._drained = True
-        assert self._loop is not None  # set with the connections
-        self._loop.call_soon(self._next_turn)
+        if not self._drained:
+            self._drained = True
+            assert self._loop is not None  # set with the connections
+            self._loop.call_soon(self._next_turn)
         return self.up
 
     def _next_turn(self) -> None:

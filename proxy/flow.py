@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict
 
 from . import prewarm
 from .accesslog import AccessLog, Recorder
@@ -51,6 +51,9 @@ from .writes import Writes
 log = get_logger("flow")
 
 _HTTP_VERSIONS = frozenset({(1, 0), (1, 1)})
+# Request fields that make a hit more than the stored answer (a 304, a range, an interim
+# 100): such requests take the ordinary path.
+_FAST_FIELDS = ("If-None-Match", "If-Modified-Since", "Range", "If-Range", "Expect")
 # Request headers a prewarm fetch does not take over from the request that triggered it: its
 # own conditionals, directives and framing, and its request id (the fetch gets its own).
 _NOT_WARMED = frozenset({"cache-control", "pragma", "if-none-match", "if-modified-since",
@@ -172,10 +175,40 @@ class Flow:
             case Fill() as fill:
                 return await self._fill(ctx, plan, lookup, fill, lock, since)
 
-    def _from_l1(self, keyed: Keyed) -> Serve | None:
+    def hit_now(self, method: str, target: str, headers: CIMultiDictProxy[str]) -> bytes | None:
+        """The fast path's entry (``fasthit``): the whole answer to a GET or HEAD of
+        ``target`` (origin-form, as sent) that the L1 holds a fresh hit for, with its line
+        and metrics recorded; None for anything the ordinary path must answer. The request
+        steps are ``_read``'s (plan, then the L1) and the answer ``Delivery.entry``'s; only
+        requests that read nothing else of aiohttp's request take it."""
+        started = time.perf_counter()
+        path, _, query = target.partition("?")
+        if "%" in path or "/." in path or "//" in path or \
+                any(name in headers for name in _FAST_FIELDS) or (
+                    self.planner.identity_cookie and "Cookie" in headers):
+            return None
+        plan = self.planner.read(path=path, raw_path=path, query=query,
+                                 query_args=lambda: MultiDict(parse_qsl(query, True)),
+                                 headers=headers, cookie=None, has_body=False)
+        if isinstance(plan, Pass):
+            return None
+        held = self._from_l1(plan, drain_now=True)
+        if held is None:
+            return None
+        ctx = Ctx(None, self.ids.of(headers.get("X-Request-ID")), started, method, path, query,
+                  route=plan.route.name)
+        answer = self.deliver.hit_message(ctx, held.entry, held.age, held.status,
+                                          headers.get("Accept-Encoding"))
+        if answer is not None:
+            self.recorder.done(ctx)
+            self.metrics.fast_hit()
+        return answer
+
+    def _from_l1(self, keyed: Keyed, drain_now: bool = False) -> Serve | None:
         """A fresh hit from this process's L1, after applying whatever invalidations are
-        waiting on the feed; None to ask Redis."""
-        if not self.l1.serving or not self.feed.drain():
+        waiting on the feed (``drain_now``: even if this turn of the loop did, see
+        ``Feed.drain``); None to ask Redis."""
+        if not self.l1.serving or not self.feed.drain(drain_now):
             return None
         entry = self.l1.get(keyed.primary, keyed.value_of)
         if entry is None:

@@ -74,6 +74,9 @@ _REQUESTS = ("jsoncache_requests", "Client requests by route, method and cache o
 _DURATION = ("jsoncache_request_duration_seconds",
              "Time from request to the response leaving the proxy, by cache outcome.")
 _SERVED = ("jsoncache_served_from_cache_bytes", "Body bytes served from the cache.")
+_FAST = ("jsoncache_fast_hits",
+         "L1 hits answered as their bytes arrived, before aiohttp (server.fast_hits); "
+         "they are counted in jsoncache_requests_total too.")
 
 
 class _PerRequest(Collector):
@@ -87,6 +90,7 @@ class _PerRequest(Collector):
         self.buckets: dict[str, list[int]] = {}  # per outcome; the last one is +Inf
         self.sums: dict[str, float] = {}
         self.served = 0
+        self.fast = 0
 
     def record(self, route: str, method: str, outcome: str, seconds: float,
                served: int) -> None:
@@ -112,6 +116,7 @@ class _PerRequest(Collector):
                                 self.sums[outcome])
         yield duration
         yield CounterMetricFamily(*_SERVED, value=self.served)
+        yield CounterMetricFamily(*_FAST, value=self.fast)
 
 
 class Metrics:
@@ -130,6 +135,7 @@ class Metrics:
             self._request_seconds = Histogram(*_DURATION, ["outcome"],
                                               buckets=_LATENCY_BUCKETS, registry=r)
             self._served_bytes = Counter(_SERVED[0] + "_total", _SERVED[1], registry=r)
+            self._fast_hits = Counter(_FAST[0] + "_total", _FAST[1], registry=r)
         self.upstream_seconds = Histogram(
             "jsoncache_upstream_duration_seconds",
             "Time until the upstream's response headers arrived, by route.",
@@ -185,6 +191,13 @@ class Metrics:
         self._request_seconds.labels(outcome).observe(seconds)
         if served:
             self._served_bytes.inc(served)
+
+    def fast_hit(self) -> None:
+        """A hit answered by the protocol-level fast path (``fasthit``)."""
+        if self._per_request is not None:
+            self._per_request.fast += 1
+        else:
+            self._fast_hits.inc()
 
     def redis_op(self, op: str, seconds: float, error: str | None) -> None:
         if error is None:

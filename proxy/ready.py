@@ -49,6 +49,22 @@ def header_block(status: int, fields: Iterable[tuple[str, str]], body: bytes) ->
         return None
 
 
+def message(status: int, block: bytes, extra: str, body: bytes, *,
+            version: tuple[int, int] = (1, 1), keep_alive: bool = True,
+            head_only: bool = False) -> bytes:
+    """The whole answer: status line, the stored block, this answer's ``extra`` lines (and
+    the Connection field its version and keep-alive call for), the body unless HEAD."""
+    major, minor = version
+    connection = ""
+    if keep_alive and minor == 0:
+        connection = "Connection: keep-alive\r\n"
+    elif not keep_alive and minor == 1:
+        connection = "Connection: close\r\n"
+    head = (f"HTTP/{major}.{minor} {status} {_reason(status)}\r\n".encode()
+            + block + (extra + connection + "\r\n").encode("latin-1"))
+    return head if head_only else head + body
+
+
 class ReadyResponse(web.StreamResponse):
     def __init__(self, status: int, block: bytes, extra: str, body: bytes) -> None:
         super().__init__(status=status)
@@ -66,15 +82,9 @@ class ReadyResponse(web.StreamResponse):
         self._payload_writer = writer
         keep_alive = self._keep_alive if self._keep_alive is not None else request.keep_alive
         self._keep_alive = keep_alive
-        major, minor = request.version
-        connection = ""
-        if keep_alive and minor == 0:
-            connection = "Connection: keep-alive\r\n"
-        elif not keep_alive and minor == 1:
-            connection = "Connection: close\r\n"
-        head = (f"HTTP/{major}.{minor} {self.status} {_reason(self.status)}\r\n".encode()
-                + self._block + (self._extra + connection + "\r\n").encode("latin-1"))
-        await writer.write(head if request.method == "HEAD" else head + self._bytes)
+        await writer.write(message(self.status, self._block, self._extra, self._bytes,
+                                   version=request.version, keep_alive=keep_alive,
+                                   head_only=request.method == "HEAD"))
         return writer
 
     async def write_eof(self, data: bytes = b"") -> None:

@@ -1,0 +1,122 @@
+"""L1 hits answered at the protocol level, as the request's bytes arrive (``server.fast_hits``).
+
+aiohttp spends more on a request than a hit from the L1 costs: a request object, a task and
+a writer per request, and a turn of the event loop before the handler runs. A hit read
+from the L1 needs none of it: here a connection's bytes are looked at before aiohttp's parser
+sees them, and when they are one whole, plain request (a GET or HEAD of an origin-form
+target, HTTP/1.1, no body, nothing but printable ASCII) whose answer the L1 holds, that answer
+is written at once (``Flow.hit_now``: the same plan, L1 lookup, answer bytes, line and metrics
+as the ordinary path). Everything else is handed to aiohttp unchanged, byte for byte.
+
+Request smuggling is the risk of a second parser, so this one never decides where a message
+ends on its own: it answers only while aiohttp's parser stands at a message boundary, which
+it knows because every byte fed to that parser so far was one whole request without a body.
+A connection whose bytes ever look otherwise (a request split over two reads, pipelined
+requests, a body, an upgrade) is aiohttp's alone from then on. It also answers only while
+aiohttp is idle on the connection (no request in progress, none queued), so answers keep
+their order, and while the connection is not applying back-pressure.
+
+``supported`` checks once that aiohttp's request handler has the fields this relies on;
+without them, every request takes aiohttp's path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web_protocol, web_server
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# One request as it may be answered here, and nothing after it: method, origin-form target,
+# HTTP/1.1, header fields of printable ASCII (values may hold spaces and tabs), the empty
+# line. No nested repetition: a match costs time linear in the request's size.
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST = re.compile(rb"(" + _TOKEN + rb") (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN
+                      + rb":[\t -~]*\r\n)*)\r\n")
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):([\t -~]*)\r\n")
+# Fields that give a request a body or make the connection something else: with one of
+# them, aiohttp's parser may not end the message where _REQUEST does. A match inside a value
+# only sends the connection to aiohttp for good, which is always safe.
+_FRAMING = (b"content-length:", b"transfer-encoding:", b"upgrade:")
+_ANSWERED = frozenset({b"GET", b"HEAD"})
+_MAX_FIELDS = 128  # aiohttp's own limit (max_headers): more, and it answers 400
+_ASPECTS = ("_waiter", "_messages", "_force_close", "_close", "_payload_parser", "_upgraded",
+            "_paused", "_keepalive_timeout", "_keepalive_handle", "_next_keepalive_close_time",
+            "_process_keepalive")
+
+HitNow = Callable[[str, str, CIMultiDictProxy[str]], "bytes | None"]
+
+
+def supported(server: web_server.Server) -> bool:
+    """Whether this aiohttp's server and request handler have the fields the fast path
+    reads and sets."""
+    if not all(hasattr(server, a) for a in ("_kwargs", "_loop")):
+        return False
+    probe = web_protocol.RequestHandler(server, loop=server._loop)
+    return all(hasattr(probe, a) for a in _ASPECTS)
+
+
+class FastHandler(web_protocol.RequestHandler):
+    """aiohttp's request handler, with L1 hits answered before its parser."""
+
+    def __init__(self, manager: web_server.Server, *, hit_now: HitNow, max_bytes: int,
+                 **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._hit_now = hit_now
+        self._max_bytes = max_bytes
+        # Every byte aiohttp's parser was fed so far was whole requests without bodies.
+        self._at_boundary = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._at_boundary:
+            m = _REQUEST.fullmatch(data) if len(data) <= self._max_bytes else None
+            if m is None:
+                self._at_boundary = False
+            else:
+                fields = m[3]
+                lowered = fields.lower()
+                if any(f in lowered for f in _FRAMING) or fields.count(b"\n") > _MAX_FIELDS:
+                    self._at_boundary = False
+                elif m[1] in _ANSWERED and self._idle() and self._answer(m[1], m[2], fields):
+                    return
+        super().data_received(data)
+
+    def _idle(self) -> bool:
+        """No request in progress or queued: an answer written now comes in order."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages and \
+            not self._force_close and not self._close and self._payload_parser is None and \
+            not self._upgraded and not self._paused and self.transport is not None
+
+    def _answer(self, method: bytes, target: bytes, fields: bytes) -> bool:
+        headers = CIMultiDictProxy(CIMultiDict(
+            [(name.decode("ascii"), value.strip(b" \t").decode("ascii"))
+             for name, value in _FIELD.findall(fields)]))
+        answer = self._hit_now(method.decode("ascii"), target.decode("ascii"), headers)
+        if answer is None:
+            return False
+        assert self.transport is not None
+        self.transport.write(answer)
+        if self._keepalive_timeout > 0:  # as aiohttp does after each answer
+            loop = self._loop
+            self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
+            if self._keepalive_handle is None:
+                self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
+                                                      self._process_keepalive)
+        return True
+
+
+class FastServer(web_server.Server):
+    """aiohttp's server, making ``FastHandler``s."""
+
+    def __init__(self, handler: Any, *, hit_now: HitNow, max_bytes: int,
+                 **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._hit_now = hit_now
+        self._max_bytes = max_bytes
+
+    def __call__(self) -> web_protocol.RequestHandler:
+        return FastHandler(self, loop=self._loop, hit_now=self._hit_now,
+                           max_bytes=self._max_bytes, **self._kwargs)

@@ -1,0 +1,332 @@
+"""L1 hits answered at the protocol level (``fasthit``, ``server.fast_hits``), over raw sockets:
+the same bytes, access line and metrics as aiohttp's path; taken only for a whole, plain
+request while aiohttp's parser stands at a message boundary, and never again on a connection
+after bytes that were not one; hostile shapes still refused; keep-alive as aiohttp keeps it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import time
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.app import ACCESS_LOG, FLOW
+
+from .conftest import ALICE, ENTRY_KEYS, MakeProxy, StubControl
+from .procs import RedisServer, command
+from .test_hostile import SMUGGLING, status_of
+from .test_observability import total
+
+# Long enough to be stored gzipped (cache.compress_min_bytes): both encodings are answered.
+BODY = json.dumps({"items": [{"id": i, "name": f"item {i}"} for i in range(40)]})
+GET = b"GET /p/f HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+async def fast_hits(proxy: TestClient[Any, Any]) -> float:
+    return total(await (await proxy.get("/metrics")).text(), "jsoncache_fast_hits_total")
+
+
+class Conn:
+    """One raw client connection; answers framed by Content-Length (none for HEAD)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def to(cls, proxy: TestClient[Any, Any]) -> Conn:
+        return cls(*await asyncio.open_connection(proxy.server.host, proxy.server.port))
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def answer(self, head_only: bool = False) -> bytes:
+        async with asyncio.timeout(10):
+            head = await self.reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            body = b"" if head_only else await self.reader.readexactly(length)
+        return head + body
+
+    async def ask(self, data: bytes, head_only: bool = False) -> bytes:
+        await self.send(data)
+        return await self.answer(head_only)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def without_age(answer: bytes) -> bytes:
+    lines = answer.split(b"\r\n")
+    assert sum(line.startswith(b"Age: ") for line in lines) == 1, answer[:300]
+    return b"\r\n".join(line for line in lines if not line.startswith(b"Age: "))
+
+
+@pytest.fixture
+async def programmed(stubctl: StubControl) -> StubControl:
+    await stubctl.program("f", headers=[["Cache-Control", "max-age=600"],
+                                        ["Content-Type", "application/json"],
+                                        ["ETag", '"v1"']], body=BODY)
+    return stubctl
+
+
+async def held(proxy: TestClient[Any, Any], path: str = "/p/f") -> None:
+    """Fetched (or read from Redis) once, so that the proxy's L1 holds it."""
+    for _ in range(2):
+        resp = await proxy.get(path)
+        assert resp.status == 200
+        await resp.read()
+
+
+REQUESTS = [
+    (b"GET /p/f HTTP/1.1\r\nHost: a\r\nX-Request-ID: fast-1\r\n\r\n", False),
+    (b"GET /p/f HTTP/1.1\r\nHost: a\r\nAccept-Encoding: gzip, br\r\n"
+     b"X-Request-ID: fast-2\r\n\r\n", False),
+    (b"HEAD /p/f HTTP/1.1\r\nHost: a\r\nX-Request-ID: fast-3\r\n\r\n", True),
+    (b"GET /p/f HTTP/1.1\r\nhost:a\r\nconnection: keep-alive\r\nx-request-id:  fast-4 \t\r\n"
+     b"Accept-Encoding: identity\r\n\r\n", False),
+]
+
+
+async def test_fast_hits_answer_what_aiohttps_path_answers(make_proxy: MakeProxy,
+                                                          programmed: StubControl) -> None:
+    fast = await make_proxy()
+    slow = await make_proxy(server={"fast_hits": False})
+    answers: dict[str, list[bytes]] = {}
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for name, proxy in (("fast", fast), ("slow", slow)):
+        await held(proxy)
+        before = await fast_hits(proxy)
+        conn = await Conn.to(proxy)
+        assert proxy.app is not None
+        with proxy.app[ACCESS_LOG].capture() as access:
+            answers[name] = [await conn.ask(data, head_only) for data, head_only in
+                             REQUESTS * 3]
+        conn.close()
+        lines[name] = access
+        served = await fast_hits(proxy) - before
+        # The first answer on a connection may be aiohttp's (its request loop not yet
+        # waiting); every one after a fast one is fast.
+        assert served >= (len(answers[name]) - 1 if name == "fast" else 0)
+        assert served <= (len(answers[name]) if name == "fast" else 0)
+    assert await programmed.count() == 1  # one fetch; the other proxy read it from Redis
+    for f, s in zip(answers["fast"], answers["slow"], strict=True):
+        assert without_age(f) == without_age(s)
+        assert b"\r\nX-Cache: HIT\r\n" in f
+    plain, gz, head, identity = answers["fast"][:4]
+    assert plain.endswith(BODY.encode())
+    assert b"\r\nContent-Encoding: gzip\r\n" in gz
+    assert not gz.endswith(BODY.encode())
+    assert head.endswith(b"\r\n\r\n")
+    assert b"\r\nContent-Length: %d\r\n" % len(BODY) in head
+    assert b"\r\nX-Request-ID: fast-4\r\n" in identity
+    assert identity.endswith(BODY.encode())
+    for fast_line, slow_line in zip(lines["fast"], lines["slow"], strict=True):
+        for line in (fast_line, slow_line):
+            assert line.pop("duration_ms") >= 0
+            line.pop("timestamp", None)
+        assert fast_line == slow_line
+        assert (fast_line["outcome"], fast_line["status"]) == ("hit", 200)
+
+
+async def test_bytes_that_are_not_one_whole_plain_request_leave_the_connection_to_aiohttp(
+        proxy: TestClient[Any, Any], programmed: StubControl) -> None:
+    await held(proxy)
+    before = await fast_hits(proxy)
+    # Two requests in one write (pipelined): both answered, in order, by aiohttp.
+    pipelined = await Conn.to(proxy)
+    await pipelined.send(GET.replace(b"a\r\n", b"a\r\nX-Request-ID: p-1\r\n") +
+                         GET.replace(b"a\r\n", b"a\r\nX-Request-ID: p-2\r\n"))
+    first, second = await pipelined.answer(), await pipelined.answer()
+    assert b"X-Request-ID: p-1\r\n" in first
+    assert b"X-Request-ID: p-2\r\n" in second
+    # A request split over two reads. The split is certain: the first half is in the
+    # proxy's socket before another connection's request is sent, and that one's answer
+    # comes back only after the loop has read every socket ready with it.
+    split = await Conn.to(proxy)
+    await split.send(GET[:20])
+    other = await Conn.to(proxy)
+    assert status_of(await other.ask(GET)) == 200
+    other.close()
+    await split.send(GET[20:])
+    assert status_of(await split.answer()) == 200
+    # A GET with a body: not for the cache (its body is no part of the key).
+    bodied = await Conn.to(proxy)
+    answer = await bodied.ask(b"GET /p/f HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                              % len(GET) + GET)
+    assert b"X-Cache: PASS" in answer
+    # A header section that announces a body, the body (a request of its own) in a later
+    # read: one request with a body, answered once; the body is never taken for a request.
+    smuggled = await Conn.to(proxy)
+    await smuggled.send(b"GET /p/f HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                        % len(GET))
+    other = await Conn.to(proxy)
+    assert status_of(await other.ask(GET)) == 200
+    other.close()
+    await smuggled.send(GET)
+    assert b"X-Cache: PASS" in await smuggled.answer()
+    # Non-ASCII in a field, which aiohttp decodes as UTF-8.
+    accented = await Conn.to(proxy)
+    assert b"X-Cache: HIT" in await accented.ask(
+        b"GET /p/f HTTP/1.1\r\nHost: a\r\nX-Name: caf\xc3\xa9\r\n\r\n")
+    after = await fast_hits(proxy)
+    # From then on, each of those connections is aiohttp's: its plain hits too.
+    for conn in (pipelined, split, bodied, smuggled, accented):
+        for _ in range(3):
+            assert b"X-Cache: HIT" in await conn.ask(GET)
+        conn.close()
+    assert await fast_hits(proxy) == after
+    assert after - before <= 2  # at most the other connections' one request each
+    assert await programmed.count() == 3  # the fill and the two GETs with a body
+
+
+async def test_a_hit_behind_a_request_in_progress_waits_its_turn(
+        proxy: TestClient[Any, Any], programmed: StubControl) -> None:
+    await held(proxy)
+    await programmed.program("slow", headers=[["Cache-Control", "max-age=60"]], body="slow",
+                             held=True)
+    conn = await Conn.to(proxy)
+    assert b"X-Cache: HIT" in await conn.ask(GET)
+    await conn.send(b"GET /p/slow HTTP/1.1\r\nHost: a\r\nX-Request-ID: first\r\n\r\n")
+    await programmed.arrival("slow")  # in progress: the proxy waits for the upstream
+    await conn.send(GET.replace(b"a\r\n", b"a\r\nX-Request-ID: second\r\n"))
+    programmed.release("slow")
+    first, second = await conn.answer(), await conn.answer()
+    conn.close()
+    assert b"X-Request-ID: first\r\n" in first
+    assert first.endswith(b"slow")
+    assert b"X-Request-ID: second\r\n" in second
+    assert b"X-Cache: HIT" in second
+
+
+async def test_a_fast_hit_reads_the_purges_that_reached_the_host_before_it(
+        proxy: TestClient[Any, Any], programmed: StubControl,
+        redis_server: RedisServer) -> None:
+    """A fast hit is answered in the callback that read its bytes, which uvloop runs after the
+    turn's queued callbacks: a drain of the feed earlier in the turn does not cover it."""
+    await held(proxy)
+    assert proxy.app is not None
+    flow = proxy.app[FLOW]
+    headers = CIMultiDictProxy(CIMultiDict(Host="a"))
+    assert flow.hit_now("GET", "/p/f", headers) is not None  # held
+    [fd] = [c.sock.fileno() for c in flow.feed._conns]
+    r = redis_server.client()
+    await asyncio.sleep(0)
+    assert flow.feed.drain()  # this turn's drain, before the purge's announcement
+    for shard in flow.store.layout.shards:  # the route's tag, purged (announced) everywhere
+        command(r, flow.store.publish, shard.channel, "i ~route:programmed")
+    assert select.select([fd], [], [], 5)[0], "the announcement did not arrive"
+    # The same turn: the request came after the announcement, so it is not served from the L1.
+    assert flow.hit_now("GET", "/p/f", headers) is None
+
+
+@pytest.mark.parametrize(("request_", "expected"), [
+    (b"GET /p/f HTTP/1.1\r\nHost: a\r\nIf-None-Match: \"v1\"\r\n\r\n", b"HTTP/1.1 304 "),
+    (b"GET /p/f HTTP/1.1\r\nHost: a\r\nRange: bytes=0-9\r\n\r\n", b"HTTP/1.1 206 "),
+    (b"GET /p/f HTTP/1.1\r\nHost: a\r\nCache-Control: no-cache\r\n\r\n", b"HTTP/1.1 200 "),
+    (b"GET /p/%66 HTTP/1.1\r\nHost: a\r\n\r\n", b"HTTP/1.1 200 "),  # an escape
+    (b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n", b"# HELP"),
+    (b"GET /p/f HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", b"HTTP/1.0 200 "),
+])
+async def test_whole_requests_that_need_more_than_the_stored_answer_go_to_aiohttp(
+        proxy: TestClient[Any, Any], programmed: StubControl, request_: bytes,
+        expected: bytes) -> None:
+    await held(proxy)
+    conn = await Conn.to(proxy)
+    assert b"X-Cache: HIT" in await conn.ask(GET)
+    assert b"X-Cache: HIT" in await conn.ask(GET)  # fast from here on, at the latest
+    before = await fast_hits(proxy)
+    answer = await conn.ask(request_)
+    assert expected in answer, answer[:300]
+    assert b"X-Cache: HIT" not in answer or b"HTTP/1.1 304" in answer or b"206" in answer or \
+        b"HTTP/1.0" in answer
+    assert await fast_hits(proxy) == before
+    if b"HTTP/1.0" not in request_:
+        # Whole requests without a body: the connection stays at a message boundary,
+        # and its next plain hit is answered fast again once aiohttp is done with this one.
+        answers = [await conn.ask(GET) for _ in range(3)]
+        assert all(b"X-Cache: HIT" in a for a in answers)
+        assert await fast_hits(proxy) >= before + 2
+    conn.close()
+
+
+async def test_an_identity_cookie_is_read_by_aiohttp(make_proxy: MakeProxy,
+                                                    stubctl: StubControl) -> None:
+    proxy = await make_proxy(cache={"identity": {"cookie": "sid"}})
+    for _ in range(2):  # held for Alice's token alone
+        resp = await proxy.get("/sessions", headers=ALICE)
+        assert resp.status == 200
+    token = b"Authorization: " + ALICE["Authorization"].encode() + b"\r\n"
+    conn = await Conn.to(proxy)
+    alone = b"GET /sessions HTTP/1.1\r\nHost: a\r\n" + token + b"\r\n"
+    for _ in range(2):
+        assert b"X-Cache: HIT" in await conn.ask(alone)
+    before = await fast_hits(proxy)
+    # The token and a cookie are another identity: never the token's entry.
+    with_cookie = alone.replace(token, token + b"Cookie: sid=example-2\r\n")
+    assert b"X-Cache: MISS" in await conn.ask(with_cookie)
+    assert b"X-Cache: HIT" in await conn.ask(with_cookie)
+    conn.close()
+    assert await fast_hits(proxy) == before
+
+
+@pytest.mark.parametrize("shape", [s for s in SMUGGLING if SMUGGLING[s].startswith(b"GET")])
+async def test_hostile_shapes_of_a_held_entry_are_still_refused(
+        proxy: TestClient[Any, Any], stubctl: StubControl, redis_server: RedisServer,
+        shape: str) -> None:
+    await stubctl.program("sink", headers=[["Cache-Control", "max-age=60"]], body="sunk")
+    await held(proxy, "/p/sink")
+    keys = set(redis_server.client().scan_iter(match=ENTRY_KEYS))
+    before, fetched = await fast_hits(proxy), await stubctl.count()
+    conn = await Conn.to(proxy)
+    assert b"X-Cache: HIT" in await conn.ask(GET.replace(b"/p/f", b"/p/sink"))
+    await conn.send(SMUGGLING[shape])
+    async with asyncio.timeout(10):
+        answer = await conn.reader.read(65536)
+    conn.close()
+    allowed = {505} if "version" in shape or "0.9" in shape else set()
+    assert 400 <= status_of(answer) < 500 or status_of(answer) in allowed or answer == b"", \
+        answer[:200]
+    assert await fast_hits(proxy) <= before + 1  # the plain hit before it, at most
+    assert await stubctl.count() == fetched
+    assert set(redis_server.client().scan_iter(match=ENTRY_KEYS)) == keys
+
+
+async def test_fast_hits_keep_a_connection_open_and_an_idle_one_is_closed(
+        make_proxy: MakeProxy, programmed: StubControl) -> None:
+    proxy = await make_proxy(server={"client_timeout_s": 0.3})
+    await held(proxy)
+    before = await fast_hits(proxy)
+    conn = await Conn.to(proxy)
+    deadline = time.monotonic() + 1.0  # beyond the idle timeout, three times over
+    answered = 0
+    while time.monotonic() < deadline and answered < 5000:  # bounded either way
+        assert b"X-Cache: HIT" in await conn.ask(GET)
+        answered += 1
+    assert await fast_hits(proxy) >= before + answered - 1
+    async with asyncio.timeout(10):
+        assert await conn.reader.read() == b""  # idle: closed by the proxy
+    conn.close()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"server": {"fast_hits": False}},
+    {"prewarm": [{"after": "GET /p/list", "fetch": ["/p/{response.json.items[*].id}"]}]},
+])
+async def test_the_switch_and_prewarm_rules_turn_it_off(make_proxy: MakeProxy,
+                                                        programmed: StubControl,
+                                                        overrides: dict[str, Any]) -> None:
+    proxy = await make_proxy(**overrides)
+    await held(proxy)
+    conn = await Conn.to(proxy)
+    for _ in range(3):
+        assert b"X-Cache: HIT" in await conn.ask(GET)
+    conn.close()
+    assert await fast_hits(proxy) == 0
