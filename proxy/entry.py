@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from isal import isal_zlib
@@ -119,9 +119,14 @@ class Entry:
         return self._rebuilt(body, encoded, self.tags)
 
     def with_tags(self, tags: tuple[str, ...]) -> Entry:
-        """The same response filed under ``tags`` (a fill computes them after its answer)."""
-        other = self._rebuilt(self.body, self.encoded, tags)
-        object.__setattr__(other, "plain_memo", self.plain_memo)
+        """The same response filed under ``tags`` (a fill computes them after its answer).
+        Tags derive nothing: the other fields are copied as they are, derived ones included,
+        rather than derived again by ``__init__``."""
+        other = object.__new__(Entry)
+        for name in _KEPT_BY_TAGS:
+            object.__setattr__(other, name, getattr(self, name))
+        object.__setattr__(other, "tags", tags)
+        object.__setattr__(other, "ready", {})
         return other
 
     def _rebuilt(self, body: bytes, encoded: str, tags: tuple[str, ...]) -> Entry:
@@ -160,6 +165,9 @@ class Entry:
             "vy": self.vary,
             "ce": self.encoded,
         }, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+_KEPT_BY_TAGS = tuple(f.name for f in fields(Entry) if f.name not in ("tags", "ready"))
 
 
 @dataclass(frozen=True, slots=True)

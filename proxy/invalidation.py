@@ -79,18 +79,12 @@ def entry_tags(
     return tuple(dict.fromkeys(tags))
 
 
-# The sources a route's tag templates may use (config): each resolves to at most one value on
-# a read (the first query value, a path parameter, a header, the identity), so a route's
-# template gives at most one tag.
-_SCALAR_SOURCES = frozenset({"query", "path", "user", "header"})
-
-
-def entry_tags_bound(route: RouteConfig, path: str, response_headers: Headers) -> int | None:
+def entry_tags_bound(route: RouteConfig, path: str, response_headers: Headers) -> int:
     """At most how many tags ``entry_tags`` gives for this response, without expanding
-    anything (None when it cannot tell): a fill whose bound is within MAX_TAGS_PER_ENTRY
-    computes its tags after its answer."""
-    if any(s not in _SCALAR_SOURCES for t in route.tags for s in t.sources):
-        return None
+    anything: a fill whose bound is within MAX_TAGS_PER_ENTRY computes its tags after its
+    answer. A route's templates may only use single-valued sources (the config allows the
+    query, path parameters, headers and the identity), so each gives one tag at most; were
+    that ever not so, the count after the answer refuses to store (``verdict.tagged``)."""
     bound = 3 + min(path.count("/"), 8) + len(route.tags)  # url, route, scope; path prefixes
     for name in SURROGATE_HEADERS:
         for value in get_all(response_headers, name):

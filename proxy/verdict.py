@@ -122,8 +122,7 @@ def on_response(keyed: Keyed, head: ResponseHead, stale: Entry | None, *, valida
                          credential_header=cfg.identity.header)
     if not ok.storable:
         return Uncacheable(ok.reason)
-    bound = entry_tags_bound(keyed.route, keyed.path, head.headers)
-    now_tagged = bound is None or bound > MAX_TAGS_PER_ENTRY
+    now_tagged = entry_tags_bound(keyed.route, keyed.path, head.headers) > MAX_TAGS_PER_ENTRY
     entry = make_entry(keyed, head.status, head.headers, head, cfg, tagged=now_tagged)
     if len(entry.tags) > MAX_TAGS_PER_ENTRY:
         return Uncacheable("too-many-tags")
