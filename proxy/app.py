@@ -145,8 +145,7 @@ class ProxyRunner(web.AppRunner):
 
         server.request_handler = dispatch
         config = self.app[CONFIG]
-        # Prewarm rules read the request a hit came with: with them, hits take aiohttp's path.
-        if not config.server.fast_hits or config.prewarm or not fasthit.supported(server):
+        if not config.server.fast_hits or not fasthit.supported(server):
             return server
 
         def hit_now(method: str, target: str, headers: CIMultiDictProxy[str]) -> bytes | None:

@@ -180,13 +180,17 @@ class Flow:
         ``target`` (origin-form, as sent) that the L1 holds a fresh hit for, with its line
         and metrics recorded; None for anything the ordinary path must answer. The request
         steps are ``_read``'s (plan, then the L1) and the answer ``Delivery.entry``'s; only
-        requests that read nothing else of aiohttp's request take it."""
+        requests that read nothing else of aiohttp's request take it (not those that
+        trigger a prewarm rule)."""
         started = time.perf_counter()
         path, _, query = target.partition("?")
         if "%" in path or "/." in path or "//" in path or \
                 any(name in headers for name in _FAST_FIELDS) or (
                     self.planner.identity_cookie and "Cookie" in headers):
             return None
+        if method == "GET" and self.prewarmer is not None and self.prewarm_rules and \
+                self.prewarmer.triggered_by(path):
+            return None  # its rules read the request (aiohttp's) that the answer came with
         plan = self.planner.read(path=path, raw_path=path, query=query,
                                  query_args=lambda: MultiDict(parse_qsl(query, True)),
                                  headers=headers, cookie=None, has_body=False)

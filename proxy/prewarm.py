@@ -118,6 +118,10 @@ class Prewarmer:
 
     # -- triggers ---------------------------------------------------------------------------------
 
+    def triggered_by(self, path: str) -> bool:
+        """Whether a GET of ``path`` (normalised) triggers a rule."""
+        return self.rules.match("GET", path) is not None
+
     def after(self, request: web.BaseRequest, rid: str, path: str,
               user: Callable[[], str | None], body: Callable[[], bytes]) -> None:
         """A 2xx answer to a GET of ``path`` (normalised) was made: queue what its rules

@@ -316,17 +316,31 @@ async def test_fast_hits_keep_a_connection_open_and_an_idle_one_is_closed(
     conn.close()
 
 
-@pytest.mark.parametrize("overrides", [
-    {"server": {"fast_hits": False}},
-    {"prewarm": [{"after": "GET /p/list", "fetch": ["/p/{response.json.items[*].id}"]}]},
-])
-async def test_the_switch_and_prewarm_rules_turn_it_off(make_proxy: MakeProxy,
-                                                        programmed: StubControl,
-                                                        overrides: dict[str, Any]) -> None:
-    proxy = await make_proxy(**overrides)
+async def test_the_switch_turns_it_off(make_proxy: MakeProxy, programmed: StubControl) -> None:
+    proxy = await make_proxy(server={"fast_hits": False})
     await held(proxy)
     conn = await Conn.to(proxy)
     for _ in range(3):
         assert b"X-Cache: HIT" in await conn.ask(GET)
     conn.close()
     assert await fast_hits(proxy) == 0
+
+
+async def test_a_hit_that_triggers_a_prewarm_rule_goes_to_aiohttp(
+        make_proxy: MakeProxy, programmed: StubControl) -> None:
+    await programmed.program("list", headers=[["Cache-Control", "public, max-age=60"],
+                                              ["Content-Type", "application/json"]],
+                             body=json.dumps({"items": [{"id": "f"}]}))
+    proxy = await make_proxy(prewarm=[{"after": "GET /p/list",
+                                       "fetch": ["/p/{response.json.items[*].id}"]}])
+    await held(proxy, "/p/list")  # its fill warmed /p/f
+    await held(proxy)
+    conn = await Conn.to(proxy)
+    before = await fast_hits(proxy)
+    for _ in range(3):  # the trigger: aiohttp's, whose request the rule reads
+        assert b"X-Cache: HIT" in await conn.ask(GET.replace(b"/p/f", b"/p/list"))
+    assert await fast_hits(proxy) == before
+    for _ in range(3):  # anything else: fast
+        assert b"X-Cache: HIT" in await conn.ask(GET)
+    conn.close()
+    assert await fast_hits(proxy) >= before + 2
