@@ -36,10 +36,12 @@ _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST = re.compile(rb"(" + _TOKEN + rb") (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN
                       + rb":[\t -~]*\r\n)*)\r\n")
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):([\t -~]*)\r\n")
-# Fields that give a request a body or make the connection something else: with one of
-# them, aiohttp's parser may not end the message where _REQUEST does. A match inside a value
-# only sends the connection to aiohttp for good, which is always safe.
-_FRAMING = (b"content-length:", b"transfer-encoding:", b"upgrade:")
+# Fields that give a request a body or make the connection something else (content-length,
+# transfer-encoding, upgrade): with one of them, aiohttp's parser may not end the message
+# where _REQUEST does. A match inside a value only sends the connection to aiohttp for good,
+# which is always safe. A Connection field other than keep-alive ("close", hop-by-hop names)
+# leaves the request to aiohttp, which answers it and closes.
+_CONNECTION = re.compile(rb"^connection:[ \t]*(.*?)[ \t]*\r$", re.MULTILINE)
 _ANSWERED = frozenset({b"GET", b"HEAD"})
 _MAX_FIELDS = 128  # aiohttp's own limit (max_headers): more, and it answers 400
 _ASPECTS = ("_waiter", "_messages", "_force_close", "_close", "_payload_parser", "_upgraded",
@@ -61,6 +63,8 @@ def supported(server: web_server.Server) -> bool:
 class FastHandler(web_protocol.RequestHandler):
     """aiohttp's request handler, with L1 hits answered before its parser."""
 
+    __slots__ = ("_at_boundary", "_hit_now", "_max_bytes")  # as aiohttp's: no __dict__
+
     def __init__(self, manager: web_server.Server, *, hit_now: HitNow, max_bytes: int,
                  **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -77,9 +81,12 @@ class FastHandler(web_protocol.RequestHandler):
             else:
                 fields = m[3]
                 lowered = fields.lower()
-                if any(f in lowered for f in _FRAMING) or fields.count(b"\n") > _MAX_FIELDS:
+                if b"content-length:" in lowered or b"transfer-encoding:" in lowered or \
+                        b"upgrade:" in lowered or fields.count(b"\n") > _MAX_FIELDS:
                     self._at_boundary = False
-                elif m[1] in _ANSWERED and self._idle() and self._answer(m[1], m[2], fields):
+                elif m[1] in _ANSWERED and (b"connection:" not in lowered or all(
+                        v == b"keep-alive" for v in _CONNECTION.findall(lowered))) and \
+                        self._idle() and self._answer(m[1], m[2], fields):
                     return
         super().data_received(data)
 

@@ -257,6 +257,22 @@ async def test_whole_requests_that_need_more_than_the_stored_answer_go_to_aiohtt
     conn.close()
 
 
+async def test_a_hit_asked_to_close_the_connection_closes_it(
+        proxy: TestClient[Any, Any], programmed: StubControl) -> None:
+    await held(proxy)
+    conn = await Conn.to(proxy)
+    for _ in range(2):
+        assert b"X-Cache: HIT" in await conn.ask(GET)
+    before = await fast_hits(proxy)
+    answer = await conn.ask(GET.replace(b"a\r\n", b"a\r\nConnection: close\r\n"))
+    assert b"X-Cache: HIT" in answer
+    assert b"\r\nConnection: close\r\n" in answer
+    async with asyncio.timeout(10):
+        assert await conn.reader.read() == b""  # closed by the proxy
+    conn.close()
+    assert await fast_hits(proxy) == before
+
+
 async def test_an_identity_cookie_is_read_by_aiohttp(make_proxy: MakeProxy,
                                                     stubctl: StubControl) -> None:
     proxy = await make_proxy(cache={"identity": {"cookie": "sid"}})
