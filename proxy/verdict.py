@@ -10,7 +10,7 @@
 to the client as it comes; ``Stale`` answers from the stored entry instead (stale-if-error);
 ``Refetch`` asks again without validators (a 304 that does not select the stored response).
 A ``Store`` whose tags are sure to fit (``entry_tags_bound``) leaves them for ``tagged``, after
-the answer: expanding them is a tenth of a miss's own time on a cold machine (README,
+the answer: expanding them is several percent of a miss's own time on a cold machine (README,
 "Performance").
 """
 

@@ -332,6 +332,24 @@ async def test_fast_hits_keep_a_connection_open_and_an_idle_one_is_closed(
     conn.close()
 
 
+async def test_a_failing_fast_hit_is_answered_by_aiohttp(proxy: TestClient[Any, Any],
+                                                         programmed: StubControl,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    await held(proxy)
+    assert proxy.app is not None
+    flow = proxy.app[FLOW]
+
+    def broken(*args: Any) -> bytes | None:
+        raise RuntimeError("a bug in the fast path")
+
+    monkeypatch.setattr(flow, "hit_now", broken)
+    conn = await Conn.to(proxy)
+    for _ in range(3):
+        assert b"X-Cache: HIT" in await conn.ask(GET)
+    conn.close()
+    assert await fast_hits(proxy) == 0
+
+
 async def test_the_switch_turns_it_off(make_proxy: MakeProxy, programmed: StubControl) -> None:
     proxy = await make_proxy(server={"fast_hits": False})
     await held(proxy)
