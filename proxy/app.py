@@ -133,28 +133,28 @@ class ProxyRunner(web.AppRunner):
     async def _make_server(self) -> Server:
         server = await super()._make_server()
         routed = server.request_handler
-        handle = self.app[FLOW].handle
-        admin = self.app[CONFIG].admin
-        prefix = admin.prefix if admin.port is None else None
+        flow = self.app[FLOW]
+        handle = flow.handle
+        config = self.app[CONFIG]
+        prefix = config.admin.prefix if config.admin.port is None else None
+
+        def admin(path: str) -> bool:
+            return prefix is not None and (path.startswith(prefix) or path == "/metrics")
 
         async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-            path = request.path
-            if prefix is not None and (path.startswith(prefix) or path == "/metrics"):
+            if admin(request.path):
                 return await routed(request)
             return await handle(request)
 
         server.request_handler = dispatch
-        config = self.app[CONFIG]
         if not config.server.fast_hits or not fasthit.supported(server):
             return server
 
         def hit_now(method: str, target: str, headers: CIMultiDictProxy[str]) -> bytes | None:
-            path = target.partition("?")[0]
-            if prefix is not None and (path.startswith(prefix) or path == "/metrics"):
+            if admin(target.partition("?")[0]):
                 return None
             return flow.hit_now(method, target, headers)
 
-        flow = self.app[FLOW]
         return fasthit.FastServer(dispatch, hit_now=hit_now,
                                   max_bytes=config.server.max_header_bytes,
                                   request_factory=server.request_factory,

@@ -116,7 +116,14 @@ class Entry:
     def with_body(self, body: bytes, encoded: str = "") -> Entry:
         """The same response with another body (``encoded``: how the proxy encoded it).
         Cheaper than ``dataclasses.replace``, which a fill would pay before its answer."""
-        return self._rebuilt(body, encoded, self.tags)
+        return Entry(status=self.status, headers=self.headers, body=body,
+                     request_time=self.request_time, response_time=self.response_time,
+                     initial_age=self.initial_age, lifetime=self.lifetime,
+                     stale_while_revalidate=self.stale_while_revalidate,
+                     stale_if_error=self.stale_if_error, no_cache=self.no_cache,
+                     forbid_stale=self.forbid_stale, url=self.url, route=self.route,
+                     tags=self.tags, vary=self.vary, purged_at=self.purged_at,
+                     encoded=encoded)
 
     def with_tags(self, tags: tuple[str, ...]) -> Entry:
         """The same response filed under ``tags`` (a fill computes them after its answer).
@@ -128,15 +135,6 @@ class Entry:
         object.__setattr__(other, "tags", tags)
         object.__setattr__(other, "ready", {})
         return other
-
-    def _rebuilt(self, body: bytes, encoded: str, tags: tuple[str, ...]) -> Entry:
-        return Entry(status=self.status, headers=self.headers, body=body,
-                     request_time=self.request_time, response_time=self.response_time,
-                     initial_age=self.initial_age, lifetime=self.lifetime,
-                     stale_while_revalidate=self.stale_while_revalidate,
-                     stale_if_error=self.stale_if_error, no_cache=self.no_cache,
-                     forbid_stale=self.forbid_stale, url=self.url, route=self.route,
-                     tags=tags, vary=self.vary, purged_at=self.purged_at, encoded=encoded)
 
     def age(self, now: float) -> float:
         """Current age (RFC 9111 §4.2.3)."""

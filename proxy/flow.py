@@ -62,6 +62,12 @@ _NOT_WARMED = frozenset({"cache-control", "pragma", "if-none-match", "if-modifie
                          "x-request-id", "connection", "keep-alive", "upgrade", "te"})
 
 
+def _plain(raw_path: str) -> bool:
+    """Routes match the normalised path; the raw one is that already unless it has escapes
+    or dot segments (then the URL is parsed): no URL parsing for a plain hit."""
+    return "%" not in raw_path and "/." not in raw_path and "//" not in raw_path
+
+
 @dataclass(frozen=True, slots=True)
 class Explained:
     """What a request would get, as far as the cache can tell without fetching."""
@@ -137,11 +143,8 @@ class Flow:
     async def _read(self, ctx: Ctx) -> web.StreamResponse:
         req = ctx.req
         name = self.planner.identity_cookie
-        # Routes match the normalised path; the raw one is that already unless it has
-        # escapes or dot segments (then the URL is parsed): no URL parsing for a plain hit.
         raw = ctx.path
-        plain = "%" not in raw and "/." not in raw and "//" not in raw
-        plan = self.planner.read(path=raw if plain else req.path,
+        plan = self.planner.read(path=raw if _plain(raw) else req.path,
                                  raw_path=ctx.path, query=ctx.query,
                                  query_args=lambda: req.query, headers=req.headers,
                                  cookie=req.cookies.get(name) if name else None,
@@ -184,8 +187,7 @@ class Flow:
         trigger a prewarm rule)."""
         started = time.perf_counter()
         path, _, query = target.partition("?")
-        if "%" in path or "/." in path or "//" in path or \
-                any(name in headers for name in _FAST_FIELDS) or (
+        if not _plain(path) or any(name in headers for name in _FAST_FIELDS) or (
                     self.planner.identity_cookie and "Cookie" in headers):
             return None
         if method == "GET" and self.prewarmer is not None and self.prewarm_rules and \
