@@ -24,6 +24,7 @@ from .config import LogConfig
 from .context import Ctx
 from .log import get as get_logger
 from .metrics import Metrics
+from .outcome import WORD
 from .stats import HIT_OUTCOMES, Stats
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -49,7 +50,7 @@ class AccessLog:
 
     def record(self, ctx: Ctx, elapsed: float) -> None:
         """The line of a request that was answered ``elapsed`` seconds after it came."""
-        outcome = ctx.cache.outcome.value
+        outcome = WORD[ctx.cache.outcome]
         if self.console or self.observers:
             fields = _fields(ctx, outcome, elapsed)
             if self.console:
@@ -135,7 +136,7 @@ class Recorder:
         elapsed = time.perf_counter() - ctx.started
         outcome = ctx.cache.outcome
         method = ctx.method if ctx.method in _METHODS else "other"
-        self.metrics.request(ctx.route, method, outcome.value, elapsed, ctx.served_bytes)
+        self.metrics.request(ctx.route, method, WORD[outcome], elapsed, ctx.served_bytes)
         self.stats.request(ctx.route, outcome, ctx.path_qs if outcome in HIT_OUTCOMES else "")
         if self.access.enabled:
             self.access.record(ctx, elapsed)

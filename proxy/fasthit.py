@@ -39,7 +39,7 @@ log = get_logger("fasthit")
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST = re.compile(rb"(" + _TOKEN + rb") (/[!-~]*) HTTP/1\.1\r\n((?:" + _TOKEN
                       + rb":[\t -~]*\r\n)*)\r\n")
-_FIELD = re.compile(rb"(" + _TOKEN + rb"):([\t -~]*)\r\n")
+_FIELD = re.compile(r"(" + _TOKEN.decode() + r"):([\t -~]*)\r\n")  # on the fields, decoded
 # Fields that give a request a body or make the connection something else (content-length,
 # transfer-encoding, upgrade): with one of them, aiohttp's parser may not end the message
 # where _REQUEST does. A match inside a value only sends the connection to aiohttp for good,
@@ -103,10 +103,9 @@ class FastHandler(web_protocol.RequestHandler):
 
     def _answer(self, method: bytes, target: bytes, fields: bytes) -> bool:
         headers = CIMultiDictProxy(CIMultiDict(
-            [(name.decode("ascii"), value.strip(b" \t").decode("ascii"))
-             for name, value in _FIELD.findall(fields)]))
+            [(name, value.strip(" \t")) for name, value in _FIELD.findall(fields.decode())]))
         try:
-            answer = self._hit_now(method.decode("ascii"), target.decode("ascii"), headers)
+            answer = self._hit_now(method.decode(), target.decode(), headers)
         except Exception:  # a bug: aiohttp's path answers instead, and it is logged
             log.exception("a fast hit failed; aiohttp answers it")
             return False

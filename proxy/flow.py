@@ -53,7 +53,7 @@ log = get_logger("flow")
 _HTTP_VERSIONS = frozenset({(1, 0), (1, 1)})
 # Request fields that make a hit more than the stored answer (a 304, a range, an interim
 # 100): such requests take the ordinary path.
-_FAST_FIELDS = ("If-None-Match", "If-Modified-Since", "Range", "If-Range", "Expect")
+_FAST_FIELDS = frozenset({"if-none-match", "if-modified-since", "range", "if-range", "expect"})
 # Request headers a prewarm fetch does not take over from the request that triggered it: its
 # own conditionals, directives and framing, and its request id (the fetch gets its own).
 _NOT_WARMED = frozenset({"cache-control", "pragma", "if-none-match", "if-modified-since",
@@ -187,7 +187,7 @@ class Flow:
         trigger a prewarm rule)."""
         started = time.perf_counter()
         path, _, query = target.partition("?")
-        if not _plain(path) or any(name in headers for name in _FAST_FIELDS) or (
+        if not _plain(path) or not _FAST_FIELDS.isdisjoint(map(str.lower, headers)) or (
                     self.planner.identity_cookie and "Cookie" in headers):
             return None
         if method == "GET" and self.prewarmer is not None and self.prewarm_rules and \

@@ -60,9 +60,12 @@ def message(status: int, block: bytes, extra: str, body: bytes, *,
         connection = "Connection: keep-alive\r\n"
     elif not keep_alive and minor == 1:
         connection = "Connection: close\r\n"
-    head = (f"HTTP/{major}.{minor} {status} {_reason(status)}\r\n".encode()
-            + block + (extra + connection + "\r\n").encode("latin-1"))
-    return head if head_only else head + body
+    line = _LINES_11.get(status) if version == (1, 1) else None
+    if line is None:
+        line = f"HTTP/{major}.{minor} {status} {_reason(status)}\r\n".encode()
+    tail = (extra + connection + "\r\n").encode("latin-1")
+    # One join: each + would copy everything before it again (the body included).
+    return b"".join((line, block, tail) if head_only else (line, block, tail, body))
 
 
 class ReadyResponse(web.StreamResponse):
@@ -100,6 +103,7 @@ class ReadyResponse(web.StreamResponse):
 
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_LINES_11 = {code: f"HTTP/1.1 {code} {phrase}\r\n".encode() for code, phrase in _REASONS.items()}
 
 
 def _reason(status: int) -> str:

@@ -12,7 +12,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from proxy.app import FLOW, create_app
+from proxy import keys
+from proxy.app import FLOW, STORE, create_app
+from proxy.entry import Entry
 from proxy.redisconn import node_of
 from proxy.resp import Client
 
@@ -28,6 +30,7 @@ from .conftest import (
     settled,
 )
 from .procs import RedisServer
+from .test_observability import total
 
 TXNS = "/transactions?session_id=alice-s1&page_size=5"
 
@@ -418,3 +421,27 @@ async def test_commands_reach_redis_byte_for_byte(redis_server: RedisServer) -> 
             b"True", b"1e+20"]
     finally:
         await client.close()
+
+
+async def test_lookups_issued_in_one_turn_go_to_redis_as_one_pipeline(
+        proxy: TestClient[Any, Any], stubctl: StubControl) -> None:
+    # A burst of requests costs one round trip: every lookup its handlers issue in one turn
+    # of the event loop goes out in one pipeline, one Redis operation, each with its answer.
+    assert proxy.app is not None
+    await stubctl.program("one", headers=[["Cache-Control", "max-age=600"]], body="first")
+    await stubctl.program("two", headers=[["Cache-Control", "max-age=600"]], body="second")
+    for name in ("one", "two"):
+        assert (await proxy.get(f"/p/{name}")).headers["X-Cache"] == "MISS"
+    store = proxy.app[STORE]
+    primaries = [keys.primary_key(f"/p/{name}", "", keys.PUBLIC_SCOPE)
+                 for name in ["one", "two", *(f"none-{i}" for i in range(28))]]
+
+    async def lookups() -> float:
+        text = await (await proxy.get("/metrics")).text()
+        return total(text, "jsoncache_redis_operation_duration_seconds_count", op="lookup")
+
+    before = await lookups()
+    found = await asyncio.gather(*(store.lookup(p, lambda name: None) for p in primaries))
+    assert await lookups() == before + 1
+    bodies = [f.stored.body if isinstance(f.stored, Entry) else None for f in found]
+    assert bodies == [b"first", b"second"] + [None] * 28
