@@ -40,7 +40,7 @@ from .invalidator import Invalidator
 from .l1 import L1
 from .log import get as get_logger
 from .metrics import Metrics
-from .outcome import CacheStatus, Outcome
+from .outcome import HIT, CacheStatus, Outcome
 from .plan import Fill, Keyed, Next, NotCached, Pass, Planner, ReadPlan, Serve, decide
 from .prewarm import Prewarmer
 from .stats import Stats
@@ -220,7 +220,7 @@ class Flow:
         if entry is None:
             return None
         step = decide(keyed, entry, blocked=self.invalidator.blocks(entry), now=time.time())
-        if isinstance(step, Serve) and step.status.outcome is Outcome.HIT:
+        if isinstance(step, Serve) and step.status.outcome is HIT:
             return step
         return None
 

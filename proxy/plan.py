@@ -23,7 +23,7 @@ from . import keys, policy
 from .config import Config, InvalidateRule, RouteConfig
 from .entry import Entry, HitForMiss
 from .invalidation import write_tags
-from .outcome import CacheStatus, Outcome
+from .outcome import HIT, CacheStatus, Outcome
 from .policy import RequestDirectives, Use
 from .routes import Matched, Router, TemplateContext
 
@@ -112,7 +112,7 @@ def decide(keyed: Keyed, stored: Entry | HitForMiss | None, *, blocked: bool,
             # The common case, without building the facts: policy.fresh_until says when.
             ttl = stored.fresh_until - max(now, stored.response_time)
             if ttl > 0:
-                return Serve(stored, stored.age(now), CacheStatus(Outcome.HIT, ttl=ttl))
+                return Serve(stored, stored.age(now), CacheStatus(HIT, "", ttl))
         r = policy.decide(stored.facts(), d, now)
         if r.use is Use.FRESH:
             return Serve(stored, r.age, CacheStatus(Outcome.HIT, ttl=r.ttl))
