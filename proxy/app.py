@@ -150,10 +150,11 @@ class ProxyRunner(web.AppRunner):
         if not config.server.fast_hits or not fasthit.supported(server):
             return server
 
-        def hit_now(method: str, target: str, headers: CIMultiDictProxy[str]) -> bytes | None:
+        def hit_now(method: str, target: str, headers: CIMultiDictProxy[str],
+                    keep_alive: bool) -> bytes | None:
             if admin(target.partition("?")[0]):
                 return None
-            return flow.hit_now(method, target, headers)
+            return flow.hit_now(method, target, headers, keep_alive)
 
         return fasthit.FastServer(dispatch, hit_now=hit_now,
                                   max_bytes=config.server.max_header_bytes,

@@ -144,7 +144,7 @@ class Delivery:
         return resp
 
     def hit_message(self, ctx: Ctx, entry: Entry, age: float, status: CacheStatus,
-                    accept_encoding: str | None) -> bytes | None:
+                    accept_encoding: str | None, keep_alive: bool = True) -> bytes | None:
         """A hit's whole answer as bytes, for a plain GET or HEAD (no conditionals, no
         range): what ``entry`` sends through a ``ReadyResponse``, for the protocol-level
         fast path (``fasthit``). None when the entry's answer cannot be ready-made."""
@@ -155,7 +155,7 @@ class Delivery:
         ctx.entry = entry
         return ready.message(entry.status, block,
                              self._ready_fields(ctx, entry.status, body, age, status), body,
-                             head_only=ctx.method == "HEAD")
+                             keep_alive=keep_alive, head_only=ctx.method == "HEAD")
 
     def _prepared(self, entry: Entry, gzip_ok: bool,
                   ) -> tuple[CIMultiDict[str], bytes, bytes | None]:

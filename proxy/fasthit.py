@@ -13,8 +13,10 @@ ends on its own: it answers only while aiohttp's parser stands at a message boun
 it knows because every byte fed to that parser so far was one whole request without a body.
 A connection whose bytes ever look otherwise (a request split over two reads, pipelined
 requests, a body, an upgrade) is aiohttp's alone from then on. It also answers only while
-aiohttp is idle on the connection (no request in progress, none queued), so answers keep
-their order, and while the connection is not applying back-pressure.
+aiohttp is idle on the connection (no request in progress, none queued; a new connection
+that aiohttp was fed nothing of counts as idle), so answers keep their order, and while the
+connection is not applying back-pressure. A request with ``Connection: close`` is answered
+and the connection closed after it, as aiohttp does.
 
 ``supported`` checks once that aiohttp's request handler has the fields this relies on;
 without them, every request takes aiohttp's path.
@@ -43,8 +45,8 @@ _FIELD = re.compile(r"(" + _TOKEN.decode() + r"):([\t -~]*)\r\n")  # on the fiel
 # Fields that give a request a body or make the connection something else (content-length,
 # transfer-encoding, upgrade): with one of them, aiohttp's parser may not end the message
 # where _REQUEST does. A match inside a value only sends the connection to aiohttp for good,
-# which is always safe. A Connection field other than keep-alive ("close", hop-by-hop names)
-# leaves the request to aiohttp, which answers it and closes.
+# which is always safe. A Connection field with another option than keep-alive or close
+# alone (hop-by-hop names, both) leaves the request to aiohttp.
 _CONNECTION = re.compile(rb"^connection:[ \t]*(.*?)[ \t]*\r$", re.MULTILINE)
 _ANSWERED = frozenset({b"GET", b"HEAD"})
 _MAX_FIELDS = 128  # aiohttp's own limit (max_headers): more, and it answers 400
@@ -52,7 +54,7 @@ _ASPECTS = ("_waiter", "_messages", "_force_close", "_close", "_payload_parser",
             "_paused", "_keepalive_timeout", "_keepalive_handle", "_next_keepalive_close_time",
             "_process_keepalive")
 
-HitNow = Callable[[str, str, CIMultiDictProxy[str]], "bytes | None"]
+HitNow = Callable[[str, str, CIMultiDictProxy[str], bool], "bytes | None"]
 
 
 def supported(server: web_server.Server) -> bool:
@@ -64,10 +66,22 @@ def supported(server: web_server.Server) -> bool:
     return all(hasattr(probe, a) for a in _ASPECTS)
 
 
+def _keep_alive(lowered: bytes) -> bool | None:
+    """Whether the connection stays open after the answer, by the request's (lower-cased)
+    fields: yes without a Connection field (HTTP/1.1's default) or with keep-alive alone, no
+    with close alone; None for any other option (hop-by-hop names, both): aiohttp answers."""
+    if b"connection:" not in lowered:
+        return True
+    options = set(_CONNECTION.findall(lowered))
+    if options == {b"keep-alive"}:
+        return True
+    return False if options == {b"close"} else None
+
+
 class FastHandler(web_protocol.RequestHandler):
     """aiohttp's request handler, with L1 hits answered before its parser."""
 
-    __slots__ = ("_at_boundary", "_hit_now", "_max_bytes")  # as aiohttp's: no __dict__
+    __slots__ = ("_at_boundary", "_fed", "_hit_now", "_max_bytes")  # as aiohttp's: no __dict__
 
     def __init__(self, manager: web_server.Server, *, hit_now: HitNow, max_bytes: int,
                  **kwargs: Any) -> None:
@@ -76,6 +90,8 @@ class FastHandler(web_protocol.RequestHandler):
         self._max_bytes = max_bytes
         # Every byte aiohttp's parser was fed so far was whole requests without bodies.
         self._at_boundary = True
+        # aiohttp's parser was fed something: until then it has no request to answer.
+        self._fed = False
 
     def data_received(self, data: bytes) -> None:
         if self._at_boundary:
@@ -88,24 +104,29 @@ class FastHandler(web_protocol.RequestHandler):
                 if b"content-length:" in lowered or b"transfer-encoding:" in lowered or \
                         b"upgrade:" in lowered or fields.count(b"\n") > _MAX_FIELDS:
                     self._at_boundary = False
-                elif m[1] in _ANSWERED and (b"connection:" not in lowered or all(
-                        v == b"keep-alive" for v in _CONNECTION.findall(lowered))) and \
-                        self._idle() and self._answer(m[1], m[2], fields):
-                    return
+                elif m[1] in _ANSWERED and self._idle():
+                    keep_alive = _keep_alive(lowered)
+                    if keep_alive is not None and self._answer(m[1], m[2], fields, keep_alive):
+                        return
+        self._fed = True
         super().data_received(data)
 
     def _idle(self) -> bool:
-        """No request in progress or queued: an answer written now comes in order."""
+        """No request in progress or queued: an answer written now comes in order. That
+        holds while aiohttp waits for a request, and also before its request loop first ran
+        (a new connection's first request, often read in the turn that accepted it) as long
+        as it was fed nothing."""
         waiter = self._waiter
-        return waiter is not None and not waiter.done() and not self._messages and \
+        return (not self._fed or (waiter is not None and not waiter.done())) and \
+            not self._messages and \
             not self._force_close and not self._close and self._payload_parser is None and \
             not self._upgraded and not self._paused and self.transport is not None
 
-    def _answer(self, method: bytes, target: bytes, fields: bytes) -> bool:
+    def _answer(self, method: bytes, target: bytes, fields: bytes, keep_alive: bool) -> bool:
         headers = CIMultiDictProxy(CIMultiDict(
             [(name, value.strip(" \t")) for name, value in _FIELD.findall(fields.decode())]))
         try:
-            answer = self._hit_now(method.decode(), target.decode(), headers)
+            answer = self._hit_now(method.decode(), target.decode(), headers, keep_alive)
         except Exception:  # a bug: aiohttp's path answers instead, and it is logged
             log.exception("a fast hit failed; aiohttp answers it")
             return False
@@ -113,7 +134,9 @@ class FastHandler(web_protocol.RequestHandler):
             return False
         assert self.transport is not None
         self.transport.write(answer)
-        if self._keepalive_timeout > 0:  # as aiohttp does after each answer
+        if not keep_alive:  # as aiohttp closes: what was written is sent first
+            self.force_close()
+        elif self._keepalive_timeout > 0:  # as aiohttp does after each answer
             loop = self._loop
             self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
             if self._keepalive_handle is None:

@@ -178,7 +178,8 @@ class Flow:
             case Fill() as fill:
                 return await self._fill(ctx, plan, lookup, fill, lock, since)
 
-    def hit_now(self, method: str, target: str, headers: CIMultiDictProxy[str]) -> bytes | None:
+    def hit_now(self, method: str, target: str, headers: CIMultiDictProxy[str],
+                keep_alive: bool = True) -> bytes | None:
         """The fast path's entry (``fasthit``): the whole answer to a GET or HEAD of
         ``target`` (origin-form, as sent) that the L1 holds a fresh hit for, with its line
         and metrics recorded; None for anything the ordinary path must answer. The request
@@ -202,9 +203,9 @@ class Flow:
         if held is None:
             return None
         ctx = Ctx(None, self.ids.of(headers.get("X-Request-ID")), started, method, path, query,
-                  route=plan.route.name)
+                  plan.route.name)
         answer = self.deliver.hit_message(ctx, held.entry, held.age, held.status,
-                                          headers.get("Accept-Encoding"))
+                                          headers.get("Accept-Encoding"), keep_alive)
         if answer is not None:
             self.recorder.done(ctx)
             self.metrics.fast_hit()
