@@ -156,7 +156,7 @@ class ProxyRunner(web.AppRunner):
                 return None
             return flow.hit_now(method, target, headers, keep_alive)
 
-        return fasthit.FastServer(dispatch, hit_now=hit_now,
+        return fasthit.FastServer(dispatch, hit_now=hit_now, may_hold=flow.l1.may_hold,
                                   max_bytes=config.server.max_header_bytes,
                                   request_factory=server.request_factory,
                                   handler_cancellation=server.handler_cancellation,

@@ -6,7 +6,9 @@ from the L1 needs none of it: here a connection's bytes are looked at before aio
 sees them, and when they are one whole, plain request (a GET or HEAD of an origin-form
 target, HTTP/1.1, no body, nothing but printable ASCII) whose answer the L1 holds, that answer
 is written at once (``Flow.hit_now``: the same plan, L1 lookup, answer bytes, line and metrics
-as the ordinary path). Everything else is handed to aiohttp unchanged, byte for byte.
+as the ordinary path). Everything else is handed to aiohttp unchanged, byte for byte. A
+request whose URL the L1 holds nothing for (``L1.may_hold``) goes to aiohttp before its
+fields are even read: a miss pays little for having been looked at.
 
 Request smuggling is the risk of a second parser, so this one never decides where a message
 ends on its own: it answers only while aiohttp's parser stands at a message boundary, which
@@ -81,12 +83,13 @@ def _keep_alive(lowered: bytes) -> bool | None:
 class FastHandler(web_protocol.RequestHandler):
     """aiohttp's request handler, with L1 hits answered before its parser."""
 
-    __slots__ = ("_at_boundary", "_fed", "_hit_now", "_max_bytes")  # as aiohttp's: no __dict__
+    __slots__ = ("_at_boundary", "_fed", "_hit_now", "_max_bytes", "_may_hold")  # no __dict__
 
-    def __init__(self, manager: web_server.Server, *, hit_now: HitNow, max_bytes: int,
-                 **kwargs: Any) -> None:
+    def __init__(self, manager: web_server.Server, *, hit_now: HitNow,
+                 may_hold: Callable[[str], bool], max_bytes: int, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._hit_now = hit_now
+        self._may_hold = may_hold
         self._max_bytes = max_bytes
         # Every byte aiohttp's parser was fed so far was whole requests without bodies.
         self._at_boundary = True
@@ -123,10 +126,13 @@ class FastHandler(web_protocol.RequestHandler):
             not self._upgraded and not self._paused and self.transport is not None
 
     def _answer(self, method: bytes, target: bytes, fields: bytes, keep_alive: bool) -> bool:
+        url = target.decode()
+        if not self._may_hold(url):  # a miss, most likely: aiohttp's, without more ado
+            return False
         headers = CIMultiDictProxy(CIMultiDict(
             [(name, value.strip(" \t")) for name, value in _FIELD.findall(fields.decode())]))
         try:
-            answer = self._hit_now(method.decode(), target.decode(), headers, keep_alive)
+            answer = self._hit_now(method.decode(), url, headers, keep_alive)
         except Exception:  # a bug: aiohttp's path answers instead, and it is logged
             log.exception("a fast hit failed; aiohttp answers it")
             return False
@@ -148,12 +154,13 @@ class FastHandler(web_protocol.RequestHandler):
 class FastServer(web_server.Server):
     """aiohttp's server, making ``FastHandler``s."""
 
-    def __init__(self, handler: Any, *, hit_now: HitNow, max_bytes: int,
-                 **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, hit_now: HitNow, may_hold: Callable[[str], bool],
+                 max_bytes: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._hit_now = hit_now
+        self._may_hold = may_hold
         self._max_bytes = max_bytes
 
     def __call__(self) -> web_protocol.RequestHandler:
         return FastHandler(self, loop=self._loop, hit_now=self._hit_now,
-                           max_bytes=self._max_bytes, **self._kwargs)
+                           may_hold=self._may_hold, max_bytes=self._max_bytes, **self._kwargs)

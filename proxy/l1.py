@@ -50,6 +50,9 @@ class L1:
         self._held: OrderedDict[str, Held] = OrderedDict()  # entry id -> held
         self._vary: dict[str, tuple[str, ...]] = {}  # primary -> its responses' Vary names
         self._by_tag: dict[tuple[int, str], set[str]] = {}
+        # Held entries by their URL as first requested (path and query as sent): the fast
+        # path asks before it parses a request's fields, so that a miss costs it little.
+        self._urls: dict[str, int] = {}
         self.seq = 0  # invalidations seen
         self._recent: deque[tuple[int, int, frozenset[str]]] = deque(maxlen=RECENT)
         self._floor = 0  # reads issued before this sequence are never kept
@@ -86,6 +89,7 @@ class L1:
             return
         self._held[entry_id] = Held(entry, shard, size)
         self.bytes += size
+        self._urls[entry.url] = self._urls.get(entry.url, 0) + 1
         for tag in entry.tags:
             self._by_tag.setdefault((shard, tag), set()).add(entry_id)
         while self.bytes > self.max_bytes:
@@ -110,6 +114,11 @@ class L1:
         if held is None:
             return
         self.bytes -= held.size
+        url = held.entry.url
+        if self._urls[url] > 1:
+            self._urls[url] -= 1
+        else:
+            del self._urls[url]
         for tag in held.entry.tags:
             ids = self._by_tag.get((held.shard, tag))
             if ids is not None:
@@ -117,10 +126,17 @@ class L1:
                 if not ids:
                     del self._by_tag[(held.shard, tag)]
 
+    def may_hold(self, url: str) -> bool:
+        """Whether an entry first requested as ``url`` (path and query as sent) is held: no
+        means nothing is held for that very URL, though something may be for the same
+        resource asked otherwise (its parameters in another order, say)."""
+        return url in self._urls
+
     def clear(self) -> None:
         self._held.clear()
         self._vary.clear()
         self._by_tag.clear()
+        self._urls.clear()
         self.bytes = 0
 
     def _event(self, where: int, tags: frozenset[str]) -> None:

@@ -452,3 +452,21 @@ async def test_a_connection_per_request_is_answered_fast_as_deployed(
         stop(proc)
     assert all(a.endswith(BODY.encode()) and b"\r\nX-Cache: HIT\r\n" in a for a in answers)
     assert after - before == 10
+
+
+async def test_a_url_the_l1_holds_nothing_for_goes_to_aiohttp_unread(
+        proxy: TestClient[Any, Any], programmed: StubControl) -> None:
+    # The L1 is asked first whether it holds anything for the URL as sent: a hit asked as
+    # first requested is fast; the same resource with its parameters in another order is
+    # the same entry, answered from the L1 by aiohttp; a URL nothing is held for, a miss.
+    await held(proxy, "/p/f?a=1&b=2")
+    conn = await Conn.to(proxy)
+    before = await fast_hits(proxy)
+    same = await conn.ask(b"GET /p/f?a=1&b=2 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert await fast_hits(proxy) == before + 1
+    reordered = await conn.ask(b"GET /p/f?b=2&a=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    other = await conn.ask(b"GET /p/f?a=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    conn.close()
+    assert await fast_hits(proxy) == before + 1
+    assert [b"X-Cache: HIT" in a for a in (same, reordered, other)] == [True, True, False]
+    assert await programmed.count() == 2

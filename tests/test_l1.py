@@ -302,3 +302,32 @@ def test_held_entries_go_with_their_tags() -> None:
     l1.on_state(False)
     assert l1.get(other, lambda _: None) is None
     assert l1.bytes == 0
+
+
+def test_the_urls_it_may_hold_follow_what_it_holds() -> None:
+    # The fast path skips a request for a URL the L1 holds nothing for: it must say yes for
+    # every URL of a held entry (variants, other users), and no once none is held.
+    l1 = L1(LAYOUT, 1 << 20)
+    l1.on_state(True)
+    assert not l1.may_hold("/x")
+    l1.put(PRIMARY, ENTRY, l1.seq)
+    alice = "1" * 32  # the same URL for another user: another entry
+    l1.put(alice, replace(ENTRY, tags=("c",)), l1.seq)
+    l1.put(alice, replace(ENTRY, tags=("c",)), l1.seq)  # replaced: still one
+    l1.put("2" * 32, replace(ENTRY, url="/y", tags=("d",)), l1.seq)
+    assert l1.may_hold("/x")
+    assert not l1.may_hold("/x?")
+    l1.on_purge(LAYOUT.shards[0], ["b"])
+    assert l1.may_hold("/x")  # alice's is still held
+    l1.drop_tags(["c"])
+    assert not l1.may_hold("/x")
+    assert l1.may_hold("/y")
+    small = L1(LAYOUT, 4096)  # room for a dozen: the least recently used go
+    small.on_state(True)
+    for i in range(50):
+        small.put(f"{i:032x}", replace(ENTRY, url=f"/z{i}"), small.seq)
+    assert not small.may_hold("/z0")
+    assert small.may_hold("/z49")
+    assert sum(small.may_hold(f"/z{i}") for i in range(50)) == len(small._held)
+    l1.on_state(False)
+    assert not l1.may_hold("/y")
