@@ -9,12 +9,15 @@ proxy with config.yaml. For each: warm up, dump the counters, send COUNT sequent
 (a connection each, as the side-by-side benchmark's misses), dump again; the second dump
 over COUNT is the cost of one request, the process's background tasks included. Prints the
 ceiling's answer, a proxy hit from the L1 and a proxy miss (a URL of its own, its store
-after the answer included), with ratios to the ceiling, and writes
-bench/results/instructions.json. Needs valgrind. Loopback only; bounded in count.
+after the answer included), with ratios to the ceiling; then the ceiling's answer and a
+proxy hit again, COUNT requests on one kept-alive connection (as wrk and pooling clients
+send them); and writes bench/results/instructions.json. Needs valgrind. Loopback only;
+bounded in count.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -22,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 from tests.procs import ROOT, RedisServer, start_python, stop, wait_for_line
 
-from .run import PAGE, _get, ceiling_headers, proxy_env
+from .run import HEADERS, PAGE, _get, ceiling_headers, proxy_env
 
 COUNT = 200
 WARM = 30
@@ -81,6 +85,21 @@ class Counted:
             self.get(target)
         return self.dump(wake) / len(targets)
 
+    def per_kept_request(self, target: str, count: int, wake: str) -> float:
+        """``count`` requests for ``target`` on one kept-alive connection."""
+        self.dump(wake)
+        url = urllib.parse.urlsplit(self.url)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=60)
+        try:
+            for _ in range(count):
+                conn.request("GET", target, headers=HEADERS)
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 200, (target, resp.status)
+        finally:
+            conn.close()
+        return self.dump(wake) / count
+
     def close(self) -> None:
         stop(self.proc)
 
@@ -105,6 +124,7 @@ def main() -> int:
         proxy.get(PAGE)
         hits = proxy.per_request([PAGE] * COUNT, wake=PAGE)
         misses = proxy.per_request([f"{PAGE}&miss={i}" for i in range(COUNT)], wake=PAGE)
+        kept_hits = proxy.per_kept_request(PAGE, COUNT, wake=PAGE)
         headers, body = proxy.get(PAGE)
         proxy.close()
         (tmp / "body").write_bytes(body)
@@ -115,6 +135,7 @@ def main() -> int:
         for _ in range(WARM):
             ceiling.get(PAGE)
         base = ceiling.per_request([PAGE] * COUNT, wake=PAGE)
+        kept_base = ceiling.per_kept_request(PAGE, COUNT, wake=PAGE)
     finally:
         for c in counted:
             c.close()
@@ -130,10 +151,16 @@ def main() -> int:
     print("| request | instructions | vs ceiling |\n|---|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:,.0f} | {value / base:.2f} |")
+    print(f"\nthe same, {COUNT} requests on one kept-alive connection:")
+    print("| request | instructions | vs ceiling |\n|---|---|---|")
+    for name, value in [("ceiling: constant body, web.Response per request", kept_base),
+                        ("proxy hit (L1)", kept_hits)]:
+        print(f"| {name} | {value:,.0f} | {value / kept_base:.2f} |")
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "instructions.json").write_text(json.dumps(
-        {"count": COUNT, "ceiling": base, "hit": hits, "miss": misses}, indent=2) + "\n")
+        {"count": COUNT, "ceiling": base, "hit": hits, "miss": misses,
+         "kept_alive": {"ceiling": kept_base, "hit": kept_hits}}, indent=2) + "\n")
     return 0
 
 
