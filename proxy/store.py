@@ -298,33 +298,24 @@ class _Batch:
     def submit(self, keys_: list[str], args: list[Any]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         if not self._calls:
-            # The batch's task takes its calls when it first runs: in the next turn of the
-            # loop, after every step queued in this one, so every lookup they submit
-            # meanwhile joins it. (A callback that then started the task cost a turn more.)
-            task = loop.create_task(self._run())
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            loop.call_soon(self._flush)
         fut: asyncio.Future[Any] = loop.create_future()
         self._calls.append((keys_, args))
         self._waiting.append(fut)
         return fut
 
-    async def _run(self) -> None:
+    def _flush(self) -> None:
         calls, waiting = self._calls, self._waiting
         self._calls, self._waiting = [], []
-        if not calls:
-            return
         groups: dict[Node, list[int]] = {}
         for i, (keys_, _) in enumerate(calls):
             groups.setdefault(self.store.conn.node_for(keys_[0]), []).append(i)
-        (first, idx), *others = groups.items()
         loop = asyncio.get_running_loop()
-        for node, more in others:  # one pipeline per node, all at once
-            task = loop.create_task(self._run_on(node, [calls[i] for i in more],
-                                                 [waiting[i] for i in more]))
+        for node, idx in groups.items():  # one pipeline per node, all at once
+            task = loop.create_task(self._run_on(node, [calls[i] for i in idx],
+                                                 [waiting[i] for i in idx]))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-        await self._run_on(first, [calls[i] for i in idx], [waiting[i] for i in idx])
 
     async def _run_on(self, node: Node, calls: list[tuple[list[str], list[Any]]],
                       waiting: list[asyncio.Future[Any]]) -> None:
