@@ -29,6 +29,7 @@ import yaml
 
 from tests.procs import ROOT, RedisServer, start_python, stop
 
+from .instructions import total
 from .run import HEADERS, PAGE, proxy_env
 
 RUNS = (1_000, 11_000)
@@ -107,10 +108,7 @@ def _counted(config: Path, count: int, env: dict[str, str], out: Path) -> int:
                     sys.executable, "-m", "bench.fastloop", "--child", str(config), str(count)],
                    cwd=ROOT, env={**os.environ, **env}, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for line in out.read_text(errors="replace").splitlines():
-        if line.startswith("summary:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no summary in {out}")
+    return total(out)
 
 
 def main() -> int:

@@ -37,6 +37,14 @@ WARM = 30
 DUMP_TIMEOUT_S = 120.0
 
 
+def total(path: Path) -> int:
+    """The instructions a callgrind output file counted."""
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no summary in {path}")
+
+
 class Counted:
     """A server under callgrind, whose counters are dumped on demand."""
 
@@ -73,11 +81,7 @@ class Counted:
             time.sleep(0.2)
             self.get(wake)
         self.dumps += 1
-        path = Path(f"{self.out}.{self.dumps}")
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("summary:"):
-                return int(line.split()[1])
-        raise RuntimeError(f"no summary in {path}")
+        return total(Path(f"{self.out}.{self.dumps}"))
 
     def per_request(self, targets: list[str], wake: str) -> float:
         self.dump(wake)
