@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -n 2
 VALKEY_TESTS ?= tests/test_core.py tests/test_invalidation.py tests/test_faults.py \
 	tests/test_cluster.py tests/test_sentinel.py tests/test_redis_security.py
 
-.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs bench-client bench-instructions bench-fastloop bench-bytes bench-steps bench-pure conformance soak soak-memory clean
+.PHONY: setup run run-cluster test lint bench bench-purge bench-parsers bench-codecs bench-client bench-instructions bench-fastloop bench-gaps bench-bytes bench-steps bench-pure conformance soak soak-memory clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,10 @@ bench-instructions: setup
 # Instructions per fast hit, the protocol-level path alone, in process (valgrind).
 bench-fastloop: setup
 	$(BIN)/python -m bench.fastloop
+
+# The miss overhead after idle gaps of 0-20 ms: the code's own cost against the machine's.
+bench-gaps: setup
+	$(BIN)/python -m bench.gaps
 
 bench-bytes: setup
 	$(BIN)/python -m bench.bytes
