@@ -5,10 +5,11 @@ a writer per request, and a turn of the event loop before the handler runs. A hi
 from the L1 needs none of it: here a connection's bytes are looked at before aiohttp's parser
 sees them, and when they are one whole, plain request (a GET or HEAD of an origin-form
 target, HTTP/1.1, no body, nothing but printable ASCII) whose answer the L1 holds, that answer
-is written at once (``Flow.hit_now``: the same plan, L1 lookup, answer bytes, line and metrics
-as the ordinary path). Everything else is handed to aiohttp unchanged, byte for byte. A
-request whose URL the L1 holds nothing for (``L1.may_hold``) goes to aiohttp before its
-fields are even read: a miss pays little for having been looked at.
+is made at once (``Flow.hit_now``: the same plan, L1 lookup, answer bytes, line and metrics
+as the ordinary path) and written when the loop's turn has read what it had to read.
+Everything else is handed to aiohttp unchanged, byte for byte. A request whose URL the L1
+holds nothing for (``L1.may_hold``) goes to aiohttp before its fields are even read: a miss
+pays little for having been looked at.
 
 Request smuggling is the risk of a second parser, so this one never decides where a message
 ends on its own: it answers only while aiohttp's parser stands at a message boundary, which
@@ -26,6 +27,7 @@ without them, every request takes aiohttp's path.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable
 from typing import Any
@@ -138,17 +140,32 @@ class FastHandler(web_protocol.RequestHandler):
             return False
         if answer is None:
             return False
-        assert self.transport is not None
-        self.transport.write(answer)
+        transport = self.transport
+        assert transport is not None
         if not keep_alive:  # as aiohttp closes: what was written is sent first
+            transport.write(answer)
             self.force_close()
-        elif self._keepalive_timeout > 0:  # as aiohttp does after each answer
+            return True
+        # Written once this turn's reads are done, as aiohttp's answers are (its handlers run
+        # after them): the answers of a turn then reach the clients together, and the clients'
+        # next requests come back together, instead of one wake-up of a client per answer
+        # while the other reads wait. Measured: about 1.4 times the hits per second under
+        # load (README, "Performance"). Order holds: whatever this connection sends next is
+        # read in a later turn, or queued behind this write (a fast answer, or aiohttp's task).
+        self._loop.call_soon(_send, transport, answer)
+        if self._keepalive_timeout > 0:  # as aiohttp does after each answer
             loop = self._loop
             self._next_keepalive_close_time = loop.time() + self._keepalive_timeout
             if self._keepalive_handle is None:
                 self._keepalive_handle = loop.call_at(self._next_keepalive_close_time,
                                                       self._process_keepalive)
         return True
+
+
+def _send(transport: asyncio.Transport, answer: bytes) -> None:
+    """Write a fast answer, unless the client went away since it was made."""
+    if not transport.is_closing():
+        transport.write(answer)
 
 
 class FastServer(web_server.Server):

@@ -6,12 +6,15 @@ after bytes that were not one; hostile shapes still refused; keep-alive as aioht
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
 import signal
 import socket
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,13 +411,10 @@ async def test_a_hit_that_triggers_a_prewarm_rule_goes_to_aiohttp(
     assert await fast_hits(proxy) >= before + 2
 
 
-async def test_a_connection_per_request_is_answered_fast_as_deployed(
-        stub: TestServer, redis_server: RedisServer, programmed: StubControl,
-        tmp_path: Path) -> None:
-    # Deployed (uvloop), a new connection's first request can be read before aiohttp's
-    # request loop has first run: it is answered fast all the same. The proxy is stopped
-    # while the client connects and sends, so that it reads the request right after the
-    # accept, as it does when a client that connects for each request is quick.
+@contextlib.contextmanager
+def deployed(stub: TestServer, redis_server: RedisServer,
+             tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """The proxy as deployed (``python -m proxy``: uvloop), in front of the stub."""
     cfg = {"upstream": {"url": str(stub.make_url("")).rstrip("/")},
            "redis": {"url": redis_server.url()},
            "routes": [{"name": "p", "match": "GET /p/*", "mode": "honor", "scope": "public"}],
@@ -424,15 +424,59 @@ async def test_a_connection_per_request_is_answered_fast_as_deployed(
     proc, url = start_python("proxy", ["--config", str(path), "--port", "0"],
                              {"CACHE_KEY_SECRET": "fasthit-secret-0123456789"})
     try:
+        yield proc, url
+    finally:
+        stop(proc)
+
+
+@contextlib.contextmanager
+def stopped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """The process stopped (SIGSTOP) meanwhile: what clients send in the block, it reads at
+    once when it resumes, in one turn of its loop."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+async def fast_hits_of(s: aiohttp.ClientSession, url: str) -> float:
+    async with s.get(url + "/metrics") as resp:
+        return total(await resp.text(), "jsoncache_fast_hits_total")
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One answer from a blocking socket, framed by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, head
+        body += chunk
+    assert len(body) == length, "more than one answer arrived"
+    return head + b"\r\n\r\n" + body
+
+
+async def test_a_connection_per_request_is_answered_fast_as_deployed(
+        stub: TestServer, redis_server: RedisServer, programmed: StubControl,
+        tmp_path: Path) -> None:
+    # Deployed (uvloop), a new connection's first request can be read before aiohttp's
+    # request loop has first run: it is answered fast all the same. The proxy is stopped
+    # while the client connects and sends, so that it reads the request right after the
+    # accept, as it does when a client that connects for each request is quick.
+    with deployed(stub, redis_server, tmp_path) as (proc, url):
         host, port = url.removeprefix("http://").split(":")
 
         def one(data: bytes) -> bytes:
-            os.kill(proc.pid, signal.SIGSTOP)
-            try:
+            with stopped(proc):
                 sock = socket.create_connection((host, int(port)), timeout=10)
                 sock.sendall(data)
-            finally:
-                os.kill(proc.pid, signal.SIGCONT)
             with sock:
                 chunks = []
                 while chunk := sock.recv(65536):  # to the end: the proxy closes
@@ -443,15 +487,57 @@ async def test_a_connection_per_request_is_answered_fast_as_deployed(
             for _ in range(2):  # fetched, then held in the L1
                 async with s.get(url + "/p/f") as resp:
                     assert resp.status == 200
-            async with s.get(url + "/metrics") as resp:
-                before = total(await resp.text(), "jsoncache_fast_hits_total")
+            before = await fast_hits_of(s, url)
             answers = [await asyncio.to_thread(one, CLOSE) for _ in range(10)]
-            async with s.get(url + "/metrics") as resp:
-                after = total(await resp.text(), "jsoncache_fast_hits_total")
-    finally:
-        stop(proc)
+            after = await fast_hits_of(s, url)
     assert all(a.endswith(BODY.encode()) and b"\r\nX-Cache: HIT\r\n" in a for a in answers)
     assert after - before == 10
+
+
+async def test_hits_read_in_one_turn_are_each_answered_on_their_connection(
+        stub: TestServer, redis_server: RedisServer, programmed: StubControl,
+        tmp_path: Path) -> None:
+    # Fast answers are written once the turn's reads are done. Kept-alive connections send
+    # their next hit while the proxy is stopped, so that it reads them all in one turn:
+    # each gets its own answer, whole, and its connection stays usable, in order.
+    with deployed(stub, redis_server, tmp_path) as (proc, url):
+        host, port = url.removeprefix("http://").split(":")
+
+        def ask(i: int, round_: str) -> bytes:
+            return GET.replace(b"a\r\n", f"a\r\nX-Request-ID: {round_}-{i}\r\n".encode())
+
+        def rounds() -> list[list[bytes]]:
+            socks = [socket.create_connection((host, int(port)), timeout=10)
+                     for _ in range(8)]
+            try:
+                for i, sock in enumerate(socks):
+                    sock.sendall(ask(i, "first"))
+                answers = [[read_answer(sock)] for sock in socks]
+                with stopped(proc):
+                    for i, sock in enumerate(socks):
+                        sock.sendall(ask(i, "turn"))
+                for i, sock in enumerate(socks):
+                    answers[i].append(read_answer(sock))
+                    sock.sendall(ask(i, "after"))
+                    answers[i].append(read_answer(sock))
+                return answers
+            finally:
+                for sock in socks:
+                    sock.close()
+
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):  # fetched, then held in the L1
+                async with s.get(url + "/p/f") as resp:
+                    assert resp.status == 200
+            before = await fast_hits_of(s, url)
+            answers = await asyncio.to_thread(rounds)
+            after = await fast_hits_of(s, url)
+    for i, per_conn in enumerate(answers):
+        for round_, answer in zip(("first", "turn", "after"), per_conn, strict=True):
+            assert f"\r\nX-Request-ID: {round_}-{i}\r\n".encode() in answer
+            assert b"\r\nX-Cache: HIT\r\n" in answer
+            assert answer.endswith(BODY.encode())
+    assert after - before == 3 * 8
 
 
 async def test_a_url_the_l1_holds_nothing_for_goes_to_aiohttp_unread(
