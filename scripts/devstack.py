@@ -58,6 +58,9 @@ def supervise(started: list[subprocess.Popen[bytes]]) -> int:
     until one of ``started`` exits (1)."""
     print("Ctrl-C stops everything.")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # Also when started with SIGINT ignored (from a script, in the background): the proxy
+    # stops on it anyway, and its exit must not read as a failure.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         for p in started:
             if p.poll() is not None:

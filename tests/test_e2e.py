@@ -110,12 +110,18 @@ def test_stub_cli_help() -> None:
 # -- make run (scripts/devstack.py) -------------------------------------------------------------
 
 def _devstack(env: dict[str, str], *, proxy_port: int | None = None,
-              stderr: int = subprocess.PIPE) -> subprocess.Popen[str]:
-    """``make run``'s script with ``env`` as its whole environment, on free ports."""
-    return subprocess.Popen(
-        [sys.executable, "scripts/devstack.py", "--proxy-port", str(proxy_port or free_port()),
-         "--stub-port", str(free_port()), "--latency-scale", "0"],
-        cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=stderr, env=env)
+              stderr: int = subprocess.PIPE, own_group: bool = False,
+              sigint_ignored: bool = False) -> subprocess.Popen[str]:
+    """``make run``'s script with ``env`` as its whole environment, on free ports
+    (``own_group``: in a process group of its own, as a terminal runs it;
+    ``sigint_ignored``: started with SIGINT ignored, as a script's background job is)."""
+    argv = [sys.executable, "scripts/devstack.py", "--proxy-port",
+            str(proxy_port or free_port()), "--stub-port", str(free_port()),
+            "--latency-scale", "0"]
+    if sigint_ignored:
+        argv = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *argv]
+    return subprocess.Popen(argv, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=stderr,
+                            env=env, process_group=0 if own_group else None)
 
 
 def _until_serving(run: subprocess.Popen[str]) -> list[str]:
@@ -170,6 +176,28 @@ def test_make_run_gives_a_development_admin_token(redis_server: RedisServer) -> 
         run.send_signal(signal.SIGINT)
         run.communicate(timeout=30)
         assert run.returncode == 0
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["terminal", "background"])
+def test_ctrl_c_to_the_process_group_stops_make_run_cleanly(redis_server: RedisServer,
+                                                            sigint_ignored: bool) -> None:
+    # A terminal's Ctrl-C signals the whole foreground process group: the proxy and the stub
+    # stop on it as the script does, and the script must not take their exit for a failure,
+    # also when it was started with SIGINT ignored (a script's background job).
+    run = _devstack({**os.environ, "REDIS_CACHE_URL": redis_server.url()}, own_group=True,
+                    sigint_ignored=sigint_ignored)
+    try:
+        text = "".join(_until_serving(run))
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+    pids = [int(line.split("(pid ", 1)[1].split(")", 1)[0]) for line in text.splitlines()
+            if line.startswith(("* Upstream stub: ", "* Proxy: "))]
+    assert len(pids) == 2, text
+    assert run.returncode == 0, err
+    assert "exited with" not in err
+    assert "Traceback" not in out + err
+    assert not any(_pid_alive(pid) for pid in pids)
 
 
 def test_make_run_without_redis_starts_the_embedded_valkey() -> None:
