@@ -83,6 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(config: Config, host: str, port: int, reuse_port: bool) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # First: whoever reads LISTENING (make run, a supervisor, a test) may signal at once,
+        # and asyncio's own SIGINT handler would end the run with a traceback.
+        loop.add_signal_handler(sig, stop.set)
     app = create_app(config)
     # What exists now (modules, the config, the application) lives as long as the process:
     # out of the cyclic collector's sight, a full collection walks only what requests made
@@ -105,10 +111,6 @@ async def _serve(config: Config, host: str, port: int, reuse_port: bool) -> None
         admin_port = admin_runner.addresses[0][1] if admin_runner.addresses else 0
         print(f"LISTENING-ADMIN http://{host}:{admin_port}", flush=True)
     print(f"LISTENING http://{host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     # Stop accepting, let in-flight requests finish (up to shutdown_timeout_s), then close
     # Redis and the upstream session (cleanup_ctx).

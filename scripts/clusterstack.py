@@ -17,7 +17,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.devstack import DEV_ADMIN_TOKEN, port_free, start_stub, supervise  # noqa: E402
+from scripts.devstack import (  # noqa: E402
+    DEV_ADMIN_TOKEN,
+    port_free,
+    start_stub,
+    stop_on_signals,
+    supervise,
+)
 from tests.procs import RedisCluster, server_binary, start_python, stop  # noqa: E402
 
 
@@ -40,6 +46,7 @@ def main() -> int:
     binary = server_binary()
     cluster = RedisCluster(primaries=3, replicas=1)
     started: list[subprocess.Popen[bytes]] = []
+    stop_on_signals()
     try:
         print(f"* Redis Cluster: starting 3 primaries and 3 replicas ({binary.version}) ...")
         cluster.start()

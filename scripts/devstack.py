@@ -53,14 +53,20 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
-def supervise(started: list[subprocess.Popen[bytes]]) -> int:
-    """Until Ctrl-C or SIGTERM (KeyboardInterrupt, for the caller to stop everything), or
-    until one of ``started`` exits (1)."""
-    print("Ctrl-C stops everything.")
+def stop_on_signals() -> None:
+    """From now on Ctrl-C and SIGTERM raise KeyboardInterrupt, for the caller to stop
+    everything it started. Set before anything starts: a Ctrl-C reaches the whole process
+    group, so the proxy and the stub stop on it too, and their exit must not read as a
+    failure. SIGINT's handler is set even when the script was started with it ignored (from
+    a script, in the background), as the proxy's and the stub's are."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    # Also when started with SIGINT ignored (from a script, in the background): the proxy
-    # stops on it anyway, and its exit must not read as a failure.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def supervise(started: list[subprocess.Popen[bytes]]) -> int:
+    """Until Ctrl-C or SIGTERM (KeyboardInterrupt, ``stop_on_signals``), or until one of
+    ``started`` exits (1)."""
+    print("Ctrl-C stops everything.")
     while True:
         for p in started:
             if p.poll() is not None:
@@ -98,6 +104,7 @@ def main() -> int:
     started: list[subprocess.Popen[bytes]] = []
     own_redis: RedisServer | None = None
     redis_url = os.environ.get("REDIS_CACHE_URL", DEFAULT_REDIS)
+    stop_on_signals()
     try:
         if redis_answers(redis_url):
             print(f"* Redis: using {redis_url}")

@@ -36,11 +36,11 @@ async def _serve(host: str, port: int, scale: float, seed: int) -> None:
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     bound = runner.addresses[0][1] if runner.addresses else port
-    print(f"LISTENING http://{host}:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before LISTENING: a signal right after it
+        loop.add_signal_handler(sig, stop.set)   # stops cleanly
+    print(f"LISTENING http://{host}:{bound}", flush=True)
     await stop.wait()
     await runner.cleanup()
 
