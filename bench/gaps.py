@@ -23,7 +23,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -31,24 +30,19 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from tests.procs import ROOT, RedisServer, start_python, stop
+from tests.procs import ROOT, RedisServer, stop
 
-from .run import HEADERS, PAGE, proxy_env
+from . import pinned
+from .run import HEADERS, PAGE
 
 ROUNDS = min(int(os.environ.get("BENCH_GAPS_ROUNDS", "200")), 2000)  # bounded
 GAPS_MS = (0, 1, 5, 20)
 WARM = 30
 SPIN_S = 60  # the spinners' own bound (they are stopped when the run ends)
 
-PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 # A KVM guest's haltpoll governor polls this long before halting an idle virtual CPU (the
 # kernel's default is 200,000 ns; 0 halts at once).
 HALT_POLL = Path("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
-
-
-def _pin(pid: int, cpu: str) -> None:
-    if PINNED:
-        subprocess.run(["taskset", "-a", "-pc", cpu, str(pid)], capture_output=True, check=False)
 
 
 def _ms(base: str, target: str) -> float:
@@ -79,30 +73,21 @@ def _rounds(stub: str, proxy: str, gap_ms: float, tag: str) -> tuple[float, floa
 
 def _spinners() -> list[subprocess.Popen[bytes]]:
     """A busy loop at nice 19 on each core, bounded by ``timeout``."""
-    cores = range(os.cpu_count() or 1) if PINNED else [None]
+    cores = range(os.cpu_count() or 1) if pinned.PINNED else [None]
     return [subprocess.Popen(
         [*(("taskset", "-c", str(c)) if c is not None else ()), "timeout", str(SPIN_S),
          "nice", "-n", "19", "sh", "-c", "while :; do :; done"]) for c in cores]
 
 
 def main() -> int:
-    if PINNED:
+    if pinned.PINNED:
         os.sched_setaffinity(0, {1})  # the client, beside the stub
     redis = RedisServer().start()
     procs: list[subprocess.Popen[bytes]] = []
     rows: list[tuple[str, float, float]] = []
     run = f"{time.time():.0f}"
     try:
-        assert redis.proc is not None
-        _pin(redis.proc.pid, "0")
-        stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
-        procs.append(stub)
-        _pin(stub.pid, "1")
-        proxy, proxy_url = start_python(
-            "proxy", ["--config", str(ROOT / "config.yaml"), "--port", "0"],
-            proxy_env(redis.url(), stub_url))
-        procs.append(proxy)
-        _pin(proxy.pid, "0")
+        stub_url, proxy_url = pinned.start(redis, procs)
         for i in range(WARM):
             _ms(proxy_url, f"{PAGE}&warm={run}-{i}")
         for gap in GAPS_MS:

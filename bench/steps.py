@@ -32,10 +32,11 @@ import redis as redis_py
 from proxy import scripts
 from proxy.layout import Layout
 from proxy.store import MARKER_TTL_MS
-from tests.procs import ROOT, RedisServer, start_python, stop
+from tests.procs import ROOT, RedisServer, stop
 
+from . import pinned
 from .interleave import curl_ms
-from .run import HEADERS, PAGE, proxy_env
+from .run import HEADERS, PAGE
 
 COUNT = min(int(os.environ.get("BENCH_STEPS_COUNT", "200")), 5000)  # bounded
 WARM = 30
@@ -56,18 +57,8 @@ STEPS = [
 ]
 
 
-# Laid out as the side-by-side run when there are two cores to lay out on.
-PINNED = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
-CLIENT = ("taskset", "-c", "1") if PINNED else ()
-
-
-def _pin(pid: int, cpu: str) -> None:
-    if PINNED:
-        subprocess.run(["taskset", "-a", "-pc", cpu, str(pid)], capture_output=True, check=False)
-
-
 def _curl_ms(url: str) -> float:
-    return curl_ms(url, HEADERS, CLIENT)
+    return curl_ms(url, HEADERS, pinned.CLIENT)
 
 
 def cold_costs(client: redis_py.Redis) -> dict[str, float]:
@@ -102,18 +93,11 @@ def main() -> int:
     redis = RedisServer().start()
     tmp = Path(tempfile.mkdtemp(prefix="jsoncache-bench-steps-"))
     out = tmp / "stamps.json"
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        assert redis.proc is not None
-        _pin(redis.proc.pid, "0")
-        stub, stub_url = start_python("upstream_stub", ["--port", "0", "--latency-scale", "0"])
-        procs.append(stub)
-        _pin(stub.pid, "1")
-        proxy, proxy_url = start_python(
-            "bench.steps_proxy", ["--config", str(ROOT / "config.yaml"), "--port", "0"],
-            {**proxy_env(redis.url(), stub_url), "JSONCACHE_STEPS_OUT": str(out)})
-        procs.append(proxy)
-        _pin(proxy.pid, "0")
+        stub_url, proxy_url = pinned.start(redis, procs, "bench.steps_proxy",
+                                           {"JSONCACHE_STEPS_OUT": str(out)})
+        proxy = procs[-1]
         for i in range(WARM):
             _curl_ms(f"{proxy_url}{PAGE}&warm={i}")
         client = redis.client()
